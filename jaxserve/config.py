@@ -1,0 +1,262 @@
+"""Frozen, validated configuration: the model (from a Hugging Face config.json) and the engine.
+
+Defaults live here and only here; `cli/` maps flags onto these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: `theta` plus the optional scaling of the `linear` or `llama3` kind."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in _SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope scaling type {self.rope_type!r}; jaxserve implements "
+                f"{_SUPPORTED_ROPE_TYPES}")
+        if self.theta <= 0 or self.factor <= 0:
+            raise ValueError(f"bad rope parameters: {self.theta=} {self.factor=}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q/k/v (never on o)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rope
+    sliding_window: int | None = None  # only legal where it never bites (engine checks)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: "
+                f"{SUPPORTED_ARCHITECTURES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be divisible by num_kv_heads="
+                f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        return _parse_hf_config(hf)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in model folder {str(path)!r}")
+        with open(config_path) as f:
+            hf = json.load(f)
+        extra = _read_generation_ids(path)
+        if extra:
+            hf = {**hf, **extra}
+        return _parse_hf_config(hf)
+
+
+def _read_generation_ids(path) -> dict[str, Any]:
+    """generation_config.json may carry a richer eos list (Llama 3 instruct) than config.json."""
+    gen_path = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen_path):
+        return {}
+    with open(gen_path) as f:
+        gen = json.load(f)
+    return {k: gen[k] for k in ("bos_token_id", "eos_token_id") if gen.get(k) is not None}
+
+
+def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
+    # transformers 5.x writes a `rope_parameters` block that holds theta too; 4.x checkpoints
+    # carry `rope_theta` plus an optional `rope_scaling` dict. Accept both.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("unsupported option partial_rotary_factor != 1.0")
+    kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        kwargs["factor"] = float(merged["factor"])
+    if rope_type == "llama3":
+        kwargs["low_freq_factor"] = float(merged["low_freq_factor"])
+        kwargs["high_freq_factor"] = float(merged["high_freq_factor"])
+        kwargs["original_max_position_embeddings"] = int(
+            merged["original_max_position_embeddings"])
+    return RopeConfig(**kwargs)
+
+
+def _eos_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _parse_hf_config(hf: dict[str, Any]) -> ModelConfig:
+    archs = hf.get("architectures") or []
+    if len(archs) != 1:
+        raise ValueError(f"config.json must name exactly one architecture, got {archs!r}")
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {arch!r}; supported: {SUPPORTED_ARCHITECTURES}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' is implemented")
+    if hf.get("mlp_bias"):
+        raise ValueError("unsupported option mlp_bias=True")
+    num_heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    head_dim = hf.get("head_dim") or hidden // num_heads
+    sliding = None
+    if arch == "MistralForCausalLM":
+        sliding = hf.get("sliding_window")
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window"):
+        sliding = hf.get("sliding_window")
+        # Qwen applies the window only above max_window_layers; refuse rather than guess.
+        if sliding is not None and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
+            raise ValueError(
+                f"unsupported option use_sliding_window=True with sliding_window={sliding}")
+    attention_bias = bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM"))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=int(head_dim),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope=_parse_rope(hf),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=attention_bias,
+        qk_norm=arch == "Qwen3ForCausalLM",
+        sliding_window=int(sliding) if sliding is not None else None,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_tuple(hf.get("eos_token_id")),
+    )
+
+
+ATTENTION_BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The static shape of every step and the cache, fixed at start-up.
+
+    One step holds `num_chunk_slots` chunks of `chunk_size` prompt tokens plus `max_decode_slots`
+    decode tokens. `chunk_size=0` turns chunking off: a prompt is then prefilled whole in one
+    chunk slot of `max_model_len` tokens (the stalling baseline).
+    """
+
+    chunk_size: int = 256
+    num_chunk_slots: int = 2
+    max_decode_slots: int = 16
+    page_size: int = 16
+    num_pages: int = 0  # 0: enough for every decode slot at max_model_len, plus the trash page
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    dtype: str = "float32"
+    attention: str = "auto"
+    pallas_interpret: bool = False
+    max_logprobs: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_chunk_slots", "max_decode_slots", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("chunk_size", "num_pages", "max_model_len", "max_logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_BACKENDS}")
+
+    def resolve(self, model: ModelConfig) -> "EngineConfig":
+        """Fills the 0 = automatic fields against a model and checks the combination."""
+        max_len = self.max_model_len or model.max_position_embeddings
+        if max_len > model.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's max_position_embeddings="
+                f"{model.max_position_embeddings}")
+        if model.sliding_window is not None and max_len > model.sliding_window:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's sliding_window="
+                f"{model.sliding_window}, which jaxserve does not implement; set "
+                f"max_model_len <= {model.sliding_window}")
+        if self.chunk_size > max_len:
+            raise ValueError(f"chunk_size={self.chunk_size} exceeds max_model_len={max_len}")
+        pages_per_seq = math.ceil(max_len / self.page_size)
+        num_pages = self.num_pages or 1 + self.max_decode_slots * pages_per_seq
+        if num_pages - 1 < pages_per_seq:
+            raise ValueError(
+                f"num_pages={num_pages} is too small for one sequence of max_model_len="
+                f"{max_len}: it needs {pages_per_seq} pages of page_size={self.page_size} "
+                f"plus the reserved trash page")
+        return dataclasses.replace(self, max_model_len=max_len, num_pages=num_pages)
+
+    @property
+    def chunk_len(self) -> int:
+        """Tokens per chunk slot, P."""
+        return self.chunk_size or self.max_model_len
+
+    @property
+    def pages_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.page_size)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_chunk_slots + self.max_decode_slots

@@ -1,0 +1,177 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as Flax NNX modules.
+
+Weights keep Hugging Face's names and layouts (`[out, in]` projections), so a checkpoint maps
+onto the module state name for name, and XLA's CPU dot is fastest contracting the last axis of
+both operands (measured: ~2-3x faster than `[in, out]` for decode-shaped products).
+
+Attention is not part of the modules: every layer calls an `attend` function the caller gives,
+`attend(layer, q, k, v, cache) -> (out, cache)`, so one model serves the dense reference (causal
+attention over one sequence) and the paged engine step (K/V written to and read from pages).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig, RopeConfig
+
+# attend(layer_index, q f32[T, H, Dh], k [T, KVH, Dh], v [T, KVH, Dh], cache) -> (o [T, H, Dh], cache)
+AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def _dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w[out, in]^T, accumulating in float32 when the weights are bfloat16."""
+    return jax.lax.dot_general(
+        x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    ).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        scale = 1.0 / math.sqrt(in_features)
+        self.weight = nnx.Param(
+            jax.random.normal(rngs.params(), (out_features, in_features), dtype) * scale)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _dot_last(x, self.weight[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32 and cast back before the scale, as Hugging Face does.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
+    """f32[head_dim // 2] inverse frequencies, with `linear` or `llama3` scaling applied."""
+    inv = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        # Llama 3.1 "frequency-dependent" scaling (Meta's reference implementation).
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [T, heads, Dh] by positions i32[T] (the non-interleaved rotate-half form)."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # f32[T, Dh/2]
+    cos = jnp.cos(freqs)[:, None, :].astype(x.dtype)
+    sin = jnp.sin(freqs)[:, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        h, hd = cfg.hidden_size, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = Linear(h, cfg.num_heads * hd, bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * hd, bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * hd, bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * hd, h, bias=False, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self._rope = cfg.rope
+
+    def __call__(self, layer: int, x, positions, attend: AttendFn, cache):
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self._rope, self.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        o, cache = attend(layer, q, k, v, cache)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, h, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, layer: int, x, positions, attend: AttendFn, cache):
+        a, cache = self.self_attn(layer, self.input_layernorm(x), positions, attend, cache)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlamaModel(nnx.Module):
+    """The decoder stack; Hugging Face's `model.*` names."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        scale = 1.0 / math.sqrt(cfg.hidden_size)
+        self.embed_tokens = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype) * scale)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Hugging Face's `LlamaForCausalLM` (and its Mistral / Qwen2 / Qwen3 siblings)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
+                                  rngs=rngs)
+
+    def hidden_states(self, token_ids, positions, attend: AttendFn, cache):
+        """token_ids i32[T], positions i32[T] -> (final-normed hidden [T, hidden], cache)."""
+        x = self.model.embed_tokens[...][token_ids]
+        for i, layer in enumerate(self.model.layers):
+            x, cache = layer(i, x, positions, attend, cache)
+        return self.model.norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [N, hidden] -> f32[N, vocab]."""
+        w = self.model.embed_tokens[...] if self.lm_head is None else self.lm_head.weight[...]
+        return jax.lax.dot_general(hidden, w, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
