@@ -1,0 +1,131 @@
+"""Paged attention for one step: the XLA reference, and dispatch to the Pallas kernels.
+
+A step's queries are `C` chunk slots of `P` tokens followed by `D` decode tokens. The reference
+gathers each slot's pages and runs dense masked attention: chunk slots as [C, P, heads, ctx],
+decode slots as [D, heads, ctx]. It is the default on the CPU and the oracle for every kernel.
+
+Gathering `pages_per_seq` pages for every slot would make a short-context step pay for
+`max_model_len`; a `lax.switch` over a few context buckets (picked on device from the longest
+live context) keeps the gather proportional to what is live, inside the one executable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("xla", "pallas_tpu", "pallas_gpu")
+_MASKED = -1e30  # finite, so a fully masked padding row gives zeros, never NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """The static layout of a step's queries and the cache, shared by every backend."""
+
+    num_chunk_slots: int  # C
+    chunk_len: int  # P
+    num_decode_slots: int  # D
+    page_size: int
+    pages_per_seq: int
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Page counts the reference gathers: pages_per_seq / 16 ... pages_per_seq."""
+        return tuple(sorted({max(1, math.ceil(self.pages_per_seq / f)) for f in (16, 8, 4, 2, 1)}))
+
+
+# attend(q f32[T, H, Dh], k_pages [N, page, KVH, Dh], v_pages, positions i32[T],
+#        kv_lens i32[C + D], page_table i32[C + D, pages_per_seq]) -> [T, H, Dh]
+AttentionFn = Callable[..., jax.Array]
+
+
+def _pick_bucket(kv_lens: jax.Array, shape: AttentionShape) -> jax.Array:
+    pages_needed = (jnp.max(kv_lens, initial=0) + shape.page_size - 1) // shape.page_size
+    buckets = jnp.asarray(shape.buckets, jnp.int32)
+    return jnp.minimum(jnp.sum(buckets < pages_needed), len(shape.buckets) - 1)
+
+
+def _gather(pages: jax.Array, page_table: jax.Array, num_pages: int) -> jax.Array:
+    """pages [N, page, KVH, Dh], page_table [S, >=num_pages] -> [S, num_pages*page, KVH, Dh]."""
+    g = pages[page_table[:, :num_pages]]
+    s, n, ps, kvh, dh = g.shape
+    return g.reshape(s, n * ps, kvh, dh)
+
+
+def _chunk_attention(q, k_pages, v_pages, q_pos, kv_lens, page_table, num_pages):
+    """q [C, P, H, Dh], q_pos i32[C, P] -> [C, P, H, Dh], causal within the sequence."""
+    c, p, h, dh = q.shape
+    k = _gather(k_pages, page_table, num_pages)  # [C, ctx, KVH, Dh]
+    v = _gather(v_pages, page_table, num_pages)
+    kvh = k.shape[2]
+    ctx = jnp.arange(k.shape[1], dtype=jnp.int32)
+    live = ctx[None, :] < kv_lens[:, None]  # [C, ctx]
+    v = jnp.where(live[:, :, None, None], v, 0)  # a stale or NaN page must not leak through 0*x
+    qg = q.reshape(c, p, kvh, h // kvh, dh)
+    s = jnp.einsum("cpkgd,cjkd->ckgpj", qg, k, preferred_element_type=jnp.float32)
+    s = s / np.sqrt(dh)
+    mask = live[:, None, :] & (ctx[None, None, :] <= q_pos[:, :, None])  # [C, P, ctx]
+    s = jnp.where(mask[:, None, None], s, _MASKED)
+    w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("ckgpj,cjkd->cpkgd", w, v, preferred_element_type=jnp.float32)
+    return o.reshape(c, p, h, dh).astype(q.dtype)
+
+
+def _decode_attention(q, k_pages, v_pages, kv_lens, page_table, num_pages):
+    """q [D, H, Dh] -> [D, H, Dh]; each query attends to its whole live context."""
+    d, h, dh = q.shape
+    k = _gather(k_pages, page_table, num_pages)  # [D, ctx, KVH, Dh]
+    v = _gather(v_pages, page_table, num_pages)
+    kvh = k.shape[2]
+    ctx = jnp.arange(k.shape[1], dtype=jnp.int32)
+    live = ctx[None, :] < kv_lens[:, None]  # [D, ctx]
+    v = jnp.where(live[:, :, None, None], v, 0)
+    qg = q.reshape(d, kvh, h // kvh, dh)
+    s = jnp.einsum("dkgx,djkx->dkgj", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.where(live[:, None, None, :], s / np.sqrt(dh), _MASKED)
+    w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("dkgj,djkx->dkgx", w, v, preferred_element_type=jnp.float32)
+    return o.reshape(d, h, dh).astype(q.dtype)
+
+
+def reference_attention(q, k_pages, v_pages, positions, kv_lens, page_table, *,
+                        shape: AttentionShape) -> jax.Array:
+    """The XLA reference over a whole step: q [T, H, Dh] -> [T, H, Dh]."""
+    c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
+    t, h, dh = q.shape
+    assert t == c * p + d, (t, c, p, d)
+    parts = []
+    if c:
+        q_c = q[: c * p].reshape(c, p, h, dh)
+        branches = [functools.partial(_chunk_attention, num_pages=n) for n in shape.buckets]
+        o_c = jax.lax.switch(_pick_bucket(kv_lens[:c], shape), branches, q_c, k_pages, v_pages,
+                             positions[: c * p].reshape(c, p), kv_lens[:c], page_table[:c])
+        parts.append(o_c.reshape(c * p, h, dh))
+    if d:
+        branches = [functools.partial(_decode_attention, num_pages=n) for n in shape.buckets]
+        parts.append(jax.lax.switch(_pick_bucket(kv_lens[c:], shape), branches, q[c * p:],
+                                    k_pages, v_pages, kv_lens[c:], page_table[c:]))
+    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def resolve_backend(name: str, platform: str | None = None) -> str:
+    """`auto` picks by platform: TPU -> pallas_tpu, GPU -> pallas_gpu, otherwise xla."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"attention={name!r} must be one of {('auto',) + BACKENDS}")
+        return name
+    platform = platform or jax.default_backend()
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "xla")
+
+
+def attention_fn(backend: str, shape: AttentionShape, *, interpret: bool = False) -> AttentionFn:
+    if backend == "xla":
+        return functools.partial(reference_attention, shape=shape)
+    raise NotImplementedError(
+        f"attention backend {backend!r} is not available yet; use attention='xla'")

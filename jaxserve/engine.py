@@ -1,0 +1,215 @@
+"""The host loop: add_request -> schedule -> step -> outputs, plus the engine's metrics.
+
+`Engine.step()` runs one scheduler step through one compiled executable and returns a
+`RequestOutput` snapshot for every request that got a token (`finished` set on the last one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import jax
+import numpy as np
+
+from jaxserve.attention import AttentionShape, resolve_backend
+from jaxserve.batching import SlotPlan, build_batch
+from jaxserve.compile_guard import CompileCounter
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.kv_cache import init_cache
+from jaxserve.models.functional import to_jnp_dtype
+from jaxserve.outputs import RequestMetrics, RequestOutput
+from jaxserve.request import Request
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler, Sequence
+from jaxserve.step import StepOutput, compile_steps
+
+
+class Engine:
+    def __init__(self, model_cfg: ModelConfig, params, engine_cfg: EngineConfig = EngineConfig(),
+                 tokenizer=None, *, strict_compiles: bool = False):
+        cfg = engine_cfg.resolve(model_cfg)
+        self.model_cfg, self.cfg, self.tokenizer = model_cfg, cfg, tokenizer
+        self.backend = resolve_backend(cfg.attention)
+        dtype = to_jnp_dtype(cfg.dtype)
+        leaf_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        if leaf_dtype != dtype:
+            raise ValueError(f"params are {leaf_dtype} but the engine was asked for "
+                             f"dtype={cfg.dtype!r}; load the model with the same dtype")
+        self.params = params
+        self.num_top = max(1, min(cfg.max_logprobs, model_cfg.vocab_size))
+        self.shape = AttentionShape(
+            num_chunk_slots=cfg.num_chunk_slots, chunk_len=cfg.chunk_len,
+            num_decode_slots=cfg.max_decode_slots, page_size=cfg.page_size,
+            pages_per_seq=cfg.pages_per_seq)
+        self.cache = init_cache(model_cfg, cfg, dtype)
+        self.scheduler = Scheduler(cfg)
+        self.eos_ids = frozenset(model_cfg.eos_token_ids) | frozenset(
+            getattr(tokenizer, "eos_token_ids", ()) or ())
+        self._rng = np.random.default_rng(cfg.seed)
+        self._arrivals = itertools.count()
+        self._requests: dict[str, Sequence] = {}
+        # Counts (and in tests forbids) compiles while serving; warm-up is outside it.
+        self._counter = CompileCounter(strict=strict_compiles)
+        t0 = time.perf_counter()
+        self.executables = compile_steps(
+            model_cfg, params, self.cache, self.shape, backend=self.backend,
+            interpret=cfg.pallas_interpret, num_top=self.num_top)
+        self.startup_compile_s = time.perf_counter() - t0
+        self._stats = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "scheduled_tokens": 0,
+                       "slot_tokens": 0, "preemptions": 0, "compiles_after_warmup": 0}
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
+                    *, prompt: str | None = None, arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        ids = self._validate_prompt(request_id, prompt_token_ids)
+        self._validate_params(params)
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
+        detok = None
+        if self.tokenizer is not None:
+            from jaxserve.tokenizer import IncrementalDetokenizer
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=ids)
+        req = Request(
+            request_id=request_id, prompt=prompt, prompt_ids=ids, params=params, seed=seed,
+            metrics=RequestMetrics(arrival_time=arrival_time or time.perf_counter()),
+            eos_ids=self.eos_ids, detokenizer=detok)
+        seq = Sequence(request_id=request_id, prompt_ids=ids, arrival_index=next(self._arrivals),
+                       payload=req)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _validate_prompt(self, request_id: str, prompt_token_ids) -> list[int]:
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already running")
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the "
+                             f"vocabulary [0, {self.model_cfg.vocab_size})")
+        if len(ids) >= self.cfg.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {len(ids)} tokens leaves no room to generate "
+                f"within max_model_len={self.cfg.max_model_len}")
+        return ids
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.num_top:
+                raise ValueError(f"{name}={value} exceeds the engine's max_logprobs="
+                                 f"{self.num_top}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str) -> None:
+        seq = self._requests.pop(request_id)
+        self.scheduler.finish(seq)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._stats["preemptions"] += len(sched.preempted)
+        for seq in sched.preempted:
+            seq.payload.metrics.num_preemptions += 1
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending")
+            return []
+        mixed = bool(sched.chunks)
+        exe = self.executables.mixed if mixed else self.executables.decode_only
+        shape = self.executables.mixed_shape if mixed else self.executables.decode_shape
+        batch, plan = build_batch(sched, shape)
+        now = time.perf_counter()
+        for seq in [c.seq for c in sched.chunks] + sched.decodes:
+            if seq.payload.metrics.first_scheduled_time is None:
+                seq.payload.metrics.first_scheduled_time = now
+        with self._counter:
+            out, self.cache = exe(self.params, self.cache, batch)
+            tokens = np.asarray(out.sample.tokens)  # the one transfer every step makes
+        t = time.perf_counter()
+        self._stats["compiles_after_warmup"] = self._counter.count
+        self._count(mixed, sched.num_tokens, shape)
+        for work in sched.chunks:
+            work.seq.num_computed += work.length
+        for seq in sched.decodes:
+            seq.num_computed += 1
+        if plan.chunk_rows:
+            self._record_prompt_logprobs(out, plan)
+        return self._take_tokens(out, plan, tokens, t)
+
+    def _count(self, mixed: bool, scheduled: int, shape: AttentionShape) -> None:
+        st = self._stats
+        st["steps"] += 1
+        st["mixed_steps" if mixed else "decode_steps"] += 1
+        st["scheduled_tokens"] += scheduled
+        st["slot_tokens"] += shape.num_chunk_slots * shape.chunk_len + shape.num_decode_slots
+
+    def _take_tokens(self, out: StepOutput, plan: SlotPlan, tokens: np.ndarray, t: float
+                     ) -> list[RequestOutput]:
+        want_lp = any(s is not None and s.payload.logprobs is not None for s in plan.slot_seqs)
+        if want_lp:
+            lp, top_ids, top_lp = (np.asarray(a) for a in (
+                out.sample.logprobs, out.sample.top_ids, out.sample.top_logprobs))
+        results = []
+        for slot, seq in enumerate(plan.slot_seqs):
+            if seq is None:
+                continue
+            req: Request = seq.payload
+            token = int(tokens[slot])
+            seq.output_ids.append(token)
+            m = req.metrics
+            m.token_times.append(t)
+            if m.first_token_time is None:
+                m.first_token_time = t
+            if req.logprobs is not None:
+                k = req.params.logprobs
+                entry = {int(i): float(v) for i, v in zip(top_ids[slot, :k], top_lp[slot, :k])}
+                entry[token] = float(lp[slot])
+                req.logprobs.append(entry)
+            reason = req.append_token(token, len(seq.output_ids), seq.num_tokens,
+                                      self.cfg.max_model_len)
+            if reason is not None:
+                req.finish_reason = reason
+                m.finished_time = t
+                self.scheduler.finish(seq)
+                del self._requests[seq.request_id]
+            results.append(req.output(seq.output_ids, finished=reason is not None))
+        return results
+
+    def _record_prompt_logprobs(self, out: StepOutput, plan: SlotPlan) -> None:
+        lp = np.asarray(out.prompt_logprobs)
+        top_ids = np.asarray(out.prompt_top_ids)
+        top_lp = np.asarray(out.prompt_top_logprobs)
+        for seq, row0, start in plan.chunk_rows:
+            req: Request = seq.payload
+            k = req.params.prompt_logprobs
+            n_prompt = len(seq.prompt_ids)
+            # Row r predicts position start + r + 1; a recomputed chunk (after preemption)
+            # finds its entries filled and leaves them.
+            for r in range(row0, row0 + (seq.num_computed - start)):
+                target_pos = start + (r - row0) + 1
+                if target_pos >= n_prompt or req.prompt_logprobs[target_pos] is not None:
+                    continue
+                entry = {int(i): float(v) for i, v in zip(top_ids[r, :k], top_lp[r, :k])}
+                entry[seq.prompt_ids[target_pos]] = float(lp[r])
+                req.prompt_logprobs[target_pos] = entry
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict:
+        st = dict(self._stats)
+        st["executables_compiled"] = self.executables.count
+        st["startup_compile_s"] = self.startup_compile_s
+        st["useful_token_fraction"] = (
+            st["scheduled_tokens"] / st["slot_tokens"] if st["slot_tokens"] else 0.0)
+        st["attention_backend"] = self.backend
+        return st

@@ -1,0 +1,73 @@
+"""On-device sampling with per-slot parameters, and the logprobs that go back to the host.
+
+A slot's random stream is `fold_in(PRNGKey(seed), tokens_generated)`: it depends only on the
+request's own seed and progress, never on the slot it landed in or on its neighbours.
+Logprobs are those of the model's distribution (before temperature and filtering), as vLLM
+reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    temperature: jax.Array  # f32[S]; 0 = greedy
+    top_k: jax.Array  # i32[S]; 0 = off
+    top_p: jax.Array  # f32[S]; 1 = off
+    min_p: jax.Array  # f32[S]; 0 = off
+    seeds: jax.Array  # u32[S]
+    gen_index: jax.Array  # i32[S]; output tokens the request has so far
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    tokens: jax.Array  # i32[S]
+    logprobs: jax.Array  # f32[S]; logprob of the sampled token
+    top_ids: jax.Array  # i32[S, K]
+    top_logprobs: jax.Array  # f32[S, K]
+
+
+def _filtered_sample(logits: jax.Array, p: SamplingInputs) -> jax.Array:
+    """Samples every row from its temperature-scaled, top-k/top-p/min-p filtered distribution."""
+    vocab = logits.shape[-1]
+    temp = jnp.where(p.temperature > 0, p.temperature, 1.0)
+    scaled = logits / temp[:, None]
+    order = jnp.argsort(-scaled, axis=-1)  # i32[S, V], most likely first
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+    k = jnp.where(p.top_k > 0, p.top_k, vocab)[:, None]
+    keep = rank < k
+    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < p.top_p[:, None]
+    keep &= probs >= p.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    keys = jax.vmap(lambda s, g: jax.random.fold_in(jax.random.PRNGKey(s), g))(
+        p.seeds, p.gen_index)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample(logits: jax.Array, p: SamplingInputs, num_top: int) -> SampleOutput:
+    """logits f32[S, V] -> the sampled token per slot and its logprobs (top `num_top` too)."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The sort costs far more than the model's last layer on a small vocab: skip it when every
+    # slot is greedy, which is the common offline-evaluation case.
+    tokens = jax.lax.cond(
+        jnp.any(p.temperature > 0),
+        lambda: jnp.where(p.temperature > 0, _filtered_sample(logits, p), greedy),
+        lambda: greedy)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids.astype(jnp.int32),
+                        top_logprobs=top_logprobs)

@@ -1,0 +1,188 @@
+"""Stall-free continuous batching with chunked prefill (after Sarathi-Serve). Plain Python.
+
+Each step: (1) every running sequence with exactly one token whose K/V is not yet cached gets a
+decode slot; (2) running sequences still prefilling continue into the chunk slots; (3) waiting
+sequences are admitted in arrival order while chunk slots, decode slots and pages last. Pages are
+taken lazily, as a sequence grows; when none is left the newest running sequence is preempted
+(its pages freed, its prompt and outputs so far recomputed later), so nothing is lost.
+
+A sequence's "remaining" tokens are those whose K/V is not in the cache. After a step it has
+exactly one (the token just sampled), so decoding is the case `remaining == 1`, which also covers a
+one-token prompt and needs no special state.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import enum
+import math
+from typing import Any
+
+from jaxserve.config import EngineConfig
+from jaxserve.kv_cache import PageAllocator
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One request as the scheduler sees it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    arrival_index: int
+    payload: Any = None  # the engine's own per-request state; the scheduler never reads it
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V is in the cache
+    pages: list[int] = dataclasses.field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkWork:
+    seq: Sequence
+    start: int  # first position computed
+    length: int  # tokens computed
+    samples: bool  # reaches the sequence's last token, so it samples the next one
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ChunkWork]
+    decodes: list[Sequence]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks) + len(self.decodes)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks and not self.decodes
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.allocator = PageAllocator(cfg.num_pages)
+        self.waiting: list[Sequence] = []  # kept in arrival order
+        self.running: list[Sequence] = []  # kept in admission order: the last is the newest
+
+    # -- requests in and out ---------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self._insert_waiting(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        seq.status = SeqStatus.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(chunks=[], decodes=[], preempted=[])
+        for seq in list(self.running):
+            if seq.status == SeqStatus.RUNNING and seq.remaining == 1:
+                if self._reserve(seq, seq.num_computed + 1, out):
+                    out.decodes.append(seq)
+        for seq in list(self.running):
+            if len(out.chunks) == self.cfg.num_chunk_slots:
+                break
+            if seq.status == SeqStatus.RUNNING and seq.remaining > 1:
+                length = self._chunk_length(seq)
+                if self._reserve(seq, seq.num_computed + length, out):
+                    out.chunks.append(self._chunk(seq, length))
+        self._admit(out)
+        return out
+
+    def _admit(self, out: SchedulerOutput) -> None:
+        if out.preempted:
+            return  # the cache is full: admitting now would only preempt again next step
+        while self.waiting and len(self.running) < self.cfg.max_decode_slots:
+            seq = self.waiting[0]
+            is_decode = seq.remaining == 1
+            if not is_decode and len(out.chunks) == self.cfg.num_chunk_slots:
+                return
+            length = 1 if is_decode else self._chunk_length(seq)
+            needed = self._pages_for(length) - len(seq.pages)
+            if needed > self.allocator.num_free:
+                return  # strict arrival order: nobody overtakes the head of the queue
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            seq.pages.extend(self.allocator.allocate(needed))
+            if is_decode:
+                out.decodes.append(seq)
+            else:
+                out.chunks.append(self._chunk(seq, length))
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _chunk_length(self, seq: Sequence) -> int:
+        if self.cfg.chunk_size == 0:
+            return seq.remaining  # no chunking: the whole rest in one step
+        return min(self.cfg.chunk_size, seq.remaining)
+
+    def _chunk(self, seq: Sequence, length: int) -> ChunkWork:
+        return ChunkWork(seq=seq, start=seq.num_computed, length=length,
+                         samples=seq.num_computed + length == seq.num_tokens)
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.cfg.page_size)
+
+    def _reserve(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Gives `seq` pages for `num_tokens`, preempting newer sequences; False if seq itself
+        had to be preempted."""
+        needed = self._pages_for(num_tokens) - len(seq.pages)
+        while needed > self.allocator.num_free:
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        if needed > 0:
+            seq.pages.extend(self.allocator.allocate(needed))
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        if seq in out.decodes:
+            out.decodes.remove(seq)
+        out.chunks = [c for c in out.chunks if c.seq is not seq]
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self._insert_waiting(seq)
+        out.preempted.append(seq)
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        keys = [s.arrival_index for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.arrival_index), seq)

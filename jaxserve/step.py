@@ -1,0 +1,130 @@
+"""The step: one static-shape jitted function over C chunk slots of P tokens + D decode slots.
+
+`step_fn(params, cache, batch) -> (StepOutput, cache)` with the cache donated, so K/V are
+written in place. Two executables are built ahead of time at start-up: the mixed step (chunks +
+decodes) and a decode-only step (C = 0), so a step with no prefill never pays for empty chunk
+slots. Nothing is compiled after that; `StepExecutables` refuses a batch of any other shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.attention import AttentionShape, attention_fn
+from jaxserve.config import ModelConfig
+from jaxserve.kv_cache import KVCache
+from jaxserve.models.functional import bind
+from jaxserve.sampling import SampleOutput, SamplingInputs, sample
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    """Everything one step reads; T = C*P + D tokens, S = C + D slots. Structure never varies."""
+
+    token_ids: jax.Array  # i32[T]; chunk slot c holds [c*P, (c+1)*P), decode slot d holds C*P+d
+    positions: jax.Array  # i32[T]
+    slot_mapping: jax.Array  # i32[T]; page * page_size + offset; padding -> page 0 (trash)
+    chunk_lens: jax.Array  # i32[C]; real tokens per chunk slot (0 = empty)
+    kv_lens: jax.Array  # i32[S]; context length of each slot's sequence after this step
+    page_table: jax.Array  # i32[S, pages_per_seq]; unused entries 0
+    sample_index: jax.Array  # i32[S]; the token whose logits each slot samples from
+    sampling: SamplingInputs  # per slot
+    prompt_targets: jax.Array  # i32[C*P]; the next prompt token after each chunk token, -1 none
+    want_prompt_logprobs: jax.Array  # bool[]; computes the [C*P, vocab] prompt logprobs only if set
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    sample: SampleOutput  # per slot
+    prompt_logprobs: jax.Array  # f32[C*P]; logprob of prompt_targets (0 where none)
+    prompt_top_ids: jax.Array  # i32[C*P, K]
+    prompt_top_logprobs: jax.Array  # f32[C*P, K]
+
+
+def _prompt_logprobs(model, hidden, targets, num_top):
+    """hidden [N, hidden], targets i32[N] -> (f32[N], i32[N, K], f32[N, K])."""
+    lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    chosen = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, num_top)
+    return jnp.where(targets >= 0, chosen, 0.0), top_ids.astype(jnp.int32), top_lp
+
+
+def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, *, model_cfg: ModelConfig,
+            shape: AttentionShape, backend: str, interpret: bool, num_top: int
+            ) -> tuple[StepOutput, KVCache]:
+    model = bind(model_cfg, params)
+    attend_pages = attention_fn(backend, shape, interpret=interpret)
+    page = batch.slot_mapping // shape.page_size
+    offset = batch.slot_mapping % shape.page_size
+
+    def attend(layer, q, k, v, cache):
+        # Write first, so a chunk reads its own tokens' K/V from the cache like any other.
+        kc = cache.k.at[layer, page, offset].set(k.astype(cache.k.dtype))
+        vc = cache.v.at[layer, page, offset].set(v.astype(cache.v.dtype))
+        o = attend_pages(q, kc[layer], vc[layer], batch.positions, batch.kv_lens,
+                         batch.page_table)
+        return o, KVCache(k=kc, v=vc)
+
+    hidden, cache = model.hidden_states(batch.token_ids, batch.positions, attend, cache)
+    out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top)
+
+    n = shape.num_chunk_slots * shape.chunk_len
+    empty = (jnp.zeros((n,), jnp.float32), jnp.zeros((n, num_top), jnp.int32),
+             jnp.zeros((n, num_top), jnp.float32))
+    if n:
+        prompt = jax.lax.cond(
+            batch.want_prompt_logprobs,
+            lambda: _prompt_logprobs(model, hidden[:n], batch.prompt_targets, num_top),
+            lambda: empty)
+    else:
+        prompt = empty
+    return StepOutput(out, *prompt), cache
+
+
+def example_batch(shape: AttentionShape) -> StepBatch:
+    """A batch of the right shapes and dtypes (all slots empty): lowering and warm-up input."""
+    c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
+    t, s = c * p + d, c + d
+    zi = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
+    return StepBatch(
+        token_ids=zi(t), positions=zi(t), slot_mapping=zi(t), chunk_lens=zi(c), kv_lens=zi(s),
+        page_table=zi(s, shape.pages_per_seq), sample_index=zi(s),
+        sampling=SamplingInputs(
+            temperature=np.zeros(s, np.float32), top_k=zi(s), top_p=np.ones(s, np.float32),
+            min_p=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32), gen_index=zi(s)),
+        prompt_targets=np.full(c * p, -1, np.int32), want_prompt_logprobs=np.bool_(False))
+
+
+@dataclasses.dataclass
+class StepExecutables:
+    """The ahead-of-time compiled mixed and decode-only steps."""
+
+    mixed: jax.stages.Compiled
+    decode_only: jax.stages.Compiled
+    mixed_shape: AttentionShape
+    decode_shape: AttentionShape
+
+    @property
+    def count(self) -> int:
+        return 2
+
+
+def compile_steps(model_cfg: ModelConfig, params, cache: KVCache, shape: AttentionShape, *,
+                  backend: str, interpret: bool, num_top: int) -> StepExecutables:
+    decode_shape = dataclasses.replace(shape, num_chunk_slots=0)
+
+    def build(s: AttentionShape):
+        fn = functools.partial(step_fn, model_cfg=model_cfg, shape=s, backend=backend,
+                               interpret=interpret, num_top=num_top)
+        return jax.jit(fn, donate_argnums=(1,)).lower(params, cache, example_batch(s)).compile()
+
+    return StepExecutables(mixed=build(shape), decode_only=build(decode_shape),
+                           mixed_shape=shape, decode_shape=decode_shape)
