@@ -1,7 +1,6 @@
-"""The paged KV cache: device arrays of pages, and the host allocator that hands pages out.
+"""The paged KV cache on the device: per layer, pages of [page_size, kv_heads, head_dim].
 
-Page 0 is the trash page: padding tokens write their K/V there and no live sequence owns it, so
-the step never needs a branch for "is this token real".
+Page 0 is the trash page (see `page_allocator.py`): padding tokens write their K/V there.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxserve.config import EngineConfig, ModelConfig
 
-TRASH_PAGE = 0
+from jaxserve.page_allocator import TRASH_PAGE  # noqa: F401  (re-exported)
 
 
 @jax.tree_util.register_dataclass
@@ -46,28 +45,3 @@ def cache_bytes(model: ModelConfig, engine: EngineConfig, dtype) -> int:
     for d in cache_shape(model, engine):
         n *= d
     return 2 * n * jnp.dtype(dtype).itemsize
-
-
-class PageAllocator:
-    """A free list of page ids 1..num_pages-1 (page 0 is never handed out)."""
-
-    def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError(f"{num_pages=} must be at least 2 (page 0 is the trash page)")
-        self.num_pages = num_pages
-        # Pop from the end, so low page ids go first (easier to read in tests and dumps).
-        self._free = list(range(num_pages - 1, TRASH_PAGE, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} pages with {len(self._free)} free")
-        pages = self._free[len(self._free) - n:][::-1]
-        del self._free[len(self._free) - n:]
-        return pages
-
-    def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))

@@ -45,13 +45,15 @@ class Request:
                 if hit is not None:
                     self.text = self.text[:hit]
                     return "stop"
-        if not p.ignore_eos and token in self.eos_ids:
-            return "stop"
-        if p.stop_token_ids and token in p.stop_token_ids:
-            return "stop"
-        if num_output >= p.max_tokens or seq_len >= max_model_len:
-            return "length"
-        return None
+        reason = None
+        if (not p.ignore_eos and token in self.eos_ids) or (
+                p.stop_token_ids and token in p.stop_token_ids):
+            reason = "stop"
+        elif num_output >= p.max_tokens or seq_len >= max_model_len:
+            reason = "length"
+        if reason is not None and self.detokenizer is not None:
+            self.text += self.detokenizer.flush()  # an unfinished character shows as U+FFFD
+        return reason
 
     def output(self, token_ids: list[int], finished: bool) -> RequestOutput:
         return RequestOutput(

@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 from jaxserve.config import EngineConfig
-from jaxserve.kv_cache import PageAllocator
+from jaxserve.page_allocator import PageAllocator
 
 
 class SeqStatus(enum.Enum):

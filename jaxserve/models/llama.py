@@ -45,6 +45,15 @@ class Linear(nnx.Module):
         return y
 
 
+class Embedding(nnx.Module):
+    """A module (not a bare Param) so the state path is HF's `model.embed_tokens.weight`."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs):
+        scale = 1.0 / math.sqrt(features)
+        self.weight = nnx.Param(
+            jax.random.normal(rngs.params(), (num_embeddings, features), dtype) * scale)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -143,9 +152,7 @@ class LlamaModel(nnx.Module):
     """The decoder stack; Hugging Face's `model.*` names."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        scale = 1.0 / math.sqrt(cfg.hidden_size)
-        self.embed_tokens = nnx.Param(
-            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype) * scale)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
@@ -165,13 +172,14 @@ class LlamaForCausalLM(nnx.Module):
 
     def hidden_states(self, token_ids, positions, attend: AttendFn, cache):
         """token_ids i32[T], positions i32[T] -> (final-normed hidden [T, hidden], cache)."""
-        x = self.model.embed_tokens[...][token_ids]
+        x = self.model.embed_tokens.weight[...][token_ids]
         for i, layer in enumerate(self.model.layers):
             x, cache = layer(i, x, positions, attend, cache)
         return self.model.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, hidden] -> f32[N, vocab]."""
-        w = self.model.embed_tokens[...] if self.lm_head is None else self.lm_head.weight[...]
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        w = head.weight[...]
         return jax.lax.dot_general(hidden, w, (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)

@@ -1,0 +1,63 @@
+"""absl flags shared by the jaxserve binaries, mapped once onto the config dataclasses.
+
+Defaults come from the dataclasses themselves, so they live in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from jaxserve.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from jaxserve.sampling_params import SamplingParams
+
+_E = EngineConfig
+_S = SamplingParams
+
+
+def define_engine_flags() -> None:
+    flags.DEFINE_string("model", None, "Hugging Face model folder (default: the demo model).")
+    flags.DEFINE_integer("chunk_size", _E.chunk_size, "Prompt tokens per chunk slot; 0 = off.")
+    flags.DEFINE_integer("num_chunk_slots", _E.num_chunk_slots, "Chunk slots per step.")
+    flags.DEFINE_integer("max_decode_slots", _E.max_decode_slots,
+                         "Decode slots per step (= most sequences running at once).")
+    flags.DEFINE_integer("page_size", _E.page_size, "Tokens per KV-cache page.")
+    flags.DEFINE_integer("num_pages", _E.num_pages, "KV-cache pages; 0 = enough for all slots.")
+    flags.DEFINE_integer("max_model_len", _E.max_model_len,
+                         "Longest sequence (prompt + output); 0 = the model's.")
+    flags.DEFINE_enum("dtype", _E.dtype, DTYPES, "Weights and KV-cache dtype.")
+    flags.DEFINE_enum("attention", _E.attention, ATTENTION_BACKENDS, "Attention backend.")
+    flags.DEFINE_boolean("pallas_interpret", _E.pallas_interpret,
+                         "Run Pallas kernels in interpret mode (CPU testing).")
+    flags.DEFINE_integer("max_logprobs", _E.max_logprobs, "Most top logprobs a request may ask.")
+    flags.DEFINE_integer("seed", _E.seed, "Seed for requests that give none.")
+
+
+def define_sampling_flags() -> None:
+    flags.DEFINE_integer("max_tokens", _S.max_tokens, "Output tokens per request at most.")
+    flags.DEFINE_float("temperature", _S.temperature, "0 = greedy.")
+    flags.DEFINE_integer("top_k", _S.top_k, "0 = off.")
+    flags.DEFINE_float("top_p", _S.top_p, "1 = off.")
+    flags.DEFINE_float("min_p", _S.min_p, "0 = off.")
+    flags.DEFINE_integer("sampling_seed", None, "Seed of every request (default: drawn).")
+    flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+    flags.DEFINE_list("stop_token_ids", [], "Comma-separated stop token ids.")
+    flags.DEFINE_boolean("ignore_eos", _S.ignore_eos, "Keep generating past EOS.")
+    flags.DEFINE_integer("logprobs", None, "Top logprobs per output token.")
+    flags.DEFINE_integer("prompt_logprobs", None, "Top logprobs per prompt token.")
+
+
+def engine_options(fv: flags.FlagValues) -> dict:
+    return {f.name: fv[f.name].value for f in dataclasses.fields(EngineConfig)}
+
+
+def sampling_defaults(fv: flags.FlagValues) -> dict:
+    return {
+        "max_tokens": fv.max_tokens, "temperature": fv.temperature, "top_k": fv.top_k,
+        "top_p": fv.top_p, "min_p": fv.min_p, "seed": fv.sampling_seed,
+        "stop": tuple(fv.stop) or None,
+        "stop_token_ids": tuple(int(t) for t in fv.stop_token_ids) or None,
+        "ignore_eos": fv.ignore_eos, "logprobs": fv.logprobs,
+        "prompt_logprobs": fv.prompt_logprobs,
+    }

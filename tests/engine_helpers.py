@@ -1,0 +1,55 @@
+"""Tiny models and a dense greedy oracle shared by the engine tests."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.models import forward_dense, init_params
+
+TINY = ModelConfig(
+    architecture="LlamaForCausalLM", vocab_size=97, hidden_size=32, intermediate_size=64,
+    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64,
+    eos_token_ids=(3,))
+ORACLE_LEN = 64  # the dense oracle pads every sequence to this (one compile for all)
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_params(seed: int = 0):
+    return init_params(TINY, seed=seed)
+
+
+def dense_logprobs(cfg, params, ids: list[int]) -> np.ndarray:
+    """log_softmax of the dense reference at each position of `ids` (padded: causal, so the pad
+    after the sequence cannot change what comes before it)."""
+    padded = list(ids) + [0] * (ORACLE_LEN - len(ids))
+    logits = np.asarray(forward_dense(cfg, params, padded), np.float64)[: len(ids)]
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+def dense_greedy(cfg, params, prompt: list[int], max_tokens: int, max_len: int = ORACLE_LEN
+                 ) -> list[int]:
+    toks = list(prompt)
+    out = []
+    while len(out) < max_tokens and len(toks) < max_len:
+        nxt = int(dense_logprobs(cfg, params, toks)[-1].argmax())
+        out.append(nxt)
+        toks.append(nxt)
+    return out
+
+
+class CharTokenizer:
+    """A tokenizer for tests: token i is the character chr(ord('a') + i % 26)."""
+
+    eos_token_ids = ()
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
