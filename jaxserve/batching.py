@@ -16,26 +16,42 @@ from jaxserve.step import StepBatch, example_batch
 from jaxserve.sampling import SamplingInputs
 
 
+PENDING = -1  # an output token sampled by the step in flight, not yet back on the host
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    slot: int  # row of the step's per-slot outputs
+    global_slot: int  # index into the step's `next_tokens`
+    seq: Sequence
+    out_index: int  # where the token goes in seq.output_ids
+
+
 @dataclasses.dataclass
 class SlotPlan:
     """What each slot of a built batch means, to read its outputs back."""
 
-    slot_seqs: list[Sequence | None]  # per slot: the sequence that samples there, or None
-    chunk_rows: list[tuple[Sequence, int, int]]  # (seq, first token row, first position)
+    sampled: list[Sampled]
+    chunk_rows: list[tuple[Sequence, int, int, int]]  # (seq, first row, first position, length)
 
 
-def build_batch(out: SchedulerOutput, shape: AttentionShape) -> tuple[StepBatch, SlotPlan]:
+def build_batch(out: SchedulerOutput, shape: AttentionShape, num_global_slots: int
+                ) -> tuple[StepBatch, SlotPlan]:
+    """Lays the scheduled work out in slots. A decode whose input token is still PENDING reads it
+    on device from the previous step's `next_tokens` (`prev_index`)."""
     c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
+    first_global = num_global_slots - (c + d)
     ps = shape.page_size
     assert len(out.chunks) <= c and len(out.decodes) <= d, (len(out.chunks), len(out.decodes))
     b = example_batch(shape)
-    token_ids, positions, slot_mapping = b.token_ids, b.positions, b.slot_mapping
+    token_ids, prev_index = b.token_ids, b.prev_index
+    positions, slot_mapping = b.positions, b.slot_mapping
     kv_lens, page_table, sample_index = b.kv_lens, b.page_table, b.sample_index
     s = b.sampling
     temperature, top_k, top_p, min_p, seeds, gen_index = (
         s.temperature, s.top_k, s.top_p, s.min_p, s.seeds, s.gen_index)
     chunk_lens, targets = b.chunk_lens, b.prompt_targets
-    slot_seqs: list[Sequence | None] = [None] * (c + d)
+    sampled: list[Sampled] = []
     chunk_rows = []
     want_prompt = False
 
@@ -43,7 +59,12 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape) -> tuple[StepBatch,
         pages = np.asarray(seq.pages, np.int32)
         pos = np.arange(start, start + length, dtype=np.int32)
         rows = slice(row0, row0 + length)
-        token_ids[rows] = [seq.token_at(int(i)) for i in pos]
+        toks = [seq.token_at(int(i)) for i in pos]
+        if toks[-1] == PENDING:
+            assert length == 1, "only a decode can start from a token still in flight"
+            prev_index[row0] = seq.payload.pending_global_slot
+            toks[-1] = 0
+        token_ids[rows] = toks
         positions[rows] = pos
         slot_mapping[rows] = pages[pos // ps] * ps + pos % ps
         kv_lens[slot] = start + length
@@ -51,7 +72,7 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape) -> tuple[StepBatch,
         sample_index[slot] = row0 + length - 1
         if samples:
             req: Request = seq.payload
-            slot_seqs[slot] = seq
+            sampled.append(Sampled(slot, first_global + slot, seq, len(seq.output_ids)))
             prm = req.params
             temperature[slot], top_k[slot] = prm.temperature, prm.top_k
             top_p[slot], min_p[slot] = prm.top_p, prm.min_p
@@ -69,9 +90,9 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape) -> tuple[StepBatch,
             targets[i * p: i * p + work.length] = np.where(
                 has, [seq.prompt_ids[j] if j < n_prompt else -1 for j in nxt], -1)
             want_prompt |= bool(has.any())
-            chunk_rows.append((seq, i * p, work.start))
+            chunk_rows.append((seq, i * p, work.start, work.length))
     for j, seq in enumerate(out.decodes):
         fill(c + j, c * p + j, seq, seq.num_computed, 1, True)
 
     batch = dataclasses.replace(b, want_prompt_logprobs=np.bool_(want_prompt))
-    return batch, SlotPlan(slot_seqs=slot_seqs, chunk_rows=chunk_rows)
+    return batch, SlotPlan(sampled=sampled, chunk_rows=chunk_rows)

@@ -10,10 +10,11 @@ import itertools
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.attention import AttentionShape, resolve_backend
-from jaxserve.batching import SlotPlan, build_batch
+from jaxserve.batching import PENDING, SlotPlan, build_batch
 from jaxserve.compile_guard import CompileCounter
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_cache
@@ -21,7 +22,7 @@ from jaxserve.models.functional import to_jnp_dtype
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import Scheduler, Sequence
+from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
 from jaxserve.step import StepOutput, compile_steps
 
 
@@ -43,12 +44,16 @@ class Engine:
             num_decode_slots=cfg.max_decode_slots, page_size=cfg.page_size,
             pages_per_seq=cfg.pages_per_seq)
         self.cache = init_cache(model_cfg, cfg, dtype)
+        self.num_global_slots = cfg.num_chunk_slots + cfg.max_decode_slots
+        self._prev_tokens = jnp.zeros((self.num_global_slots,), jnp.int32)
         self.scheduler = Scheduler(cfg)
         self.eos_ids = frozenset(model_cfg.eos_token_ids) | frozenset(
             getattr(tokenizer, "eos_token_ids", ()) or ())
         self._rng = np.random.default_rng(cfg.seed)
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
+        self._inflight: tuple[StepOutput, SlotPlan, float] | None = None
+        self._step_times: list[tuple[float, float]] = []  # (dispatched, tokens back) per step
         # Counts (and in tests forbids) compiles while serving; warm-up is outside it.
         self._counter = CompileCounter(strict=strict_compiles)
         t0 = time.perf_counter()
@@ -106,44 +111,62 @@ class Engine:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def abort(self, request_id: str) -> None:
         seq = self._requests.pop(request_id)
-        self.scheduler.finish(seq)
+        seq.payload.finish_reason = "abort"  # an in-flight step's token for it is dropped
+        if seq.status != SeqStatus.FINISHED:
+            self.scheduler.finish(seq)
 
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and dispatches step N+1, then reads back step N and returns its outputs.
+
+        Dispatch is asynchronous, so the host builds step N+1 while the device still runs step N;
+        tokens step N samples reach step N+1 on the device (`prev_index`), never via the host.
+        """
+        with self._counter:
+            launched = self._launch()
+            results = self._collect(*self._inflight) if self._inflight else []
+        self._inflight = launched
+        self._stats["compiles_after_warmup"] = self._counter.count
+        if launched is None and not results and self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler made no progress with requests pending")
+        return results
+
+    def _launch(self) -> tuple[StepOutput, SlotPlan, float] | None:
         sched = self.scheduler.schedule()
         self._stats["preemptions"] += len(sched.preempted)
         for seq in sched.preempted:
             seq.payload.metrics.num_preemptions += 1
         if sched.is_empty:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress with requests pending")
-            return []
+            return None
         mixed = bool(sched.chunks)
         exe = self.executables.mixed if mixed else self.executables.decode_only
         shape = self.executables.mixed_shape if mixed else self.executables.decode_shape
-        batch, plan = build_batch(sched, shape)
+        batch, plan = build_batch(sched, shape, self.num_global_slots)
         now = time.perf_counter()
         for seq in [c.seq for c in sched.chunks] + sched.decodes:
             if seq.payload.metrics.first_scheduled_time is None:
                 seq.payload.metrics.first_scheduled_time = now
-        with self._counter:
-            out, self.cache = exe(self.params, self.cache, batch)
-            tokens = np.asarray(out.sample.tokens)  # the one transfer every step makes
-        t = time.perf_counter()
-        self._stats["compiles_after_warmup"] = self._counter.count
+        out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens)
+        self._prev_tokens = out.next_tokens
         self._count(mixed, sched.num_tokens, shape)
         for work in sched.chunks:
             work.seq.num_computed += work.length
         for seq in sched.decodes:
             seq.num_computed += 1
-        if plan.chunk_rows:
-            self._record_prompt_logprobs(out, plan)
-        return self._take_tokens(out, plan, tokens, t)
+        for s in plan.sampled:
+            seq, req = s.seq, s.seq.payload
+            seq.output_ids.append(PENDING)
+            req.pending_global_slot = s.global_slot
+            # A length limit is known before the token is: stop scheduling the sequence now.
+            if (len(seq.output_ids) >= req.params.max_tokens
+                    or seq.num_tokens >= self.cfg.max_model_len):
+                self.scheduler.finish(seq)
+        return out, plan, now
 
     def _count(self, mixed: bool, scheduled: int, shape: AttentionShape) -> None:
         st = self._stats
@@ -152,49 +175,57 @@ class Engine:
         st["scheduled_tokens"] += scheduled
         st["slot_tokens"] += shape.num_chunk_slots * shape.chunk_len + shape.num_decode_slots
 
-    def _take_tokens(self, out: StepOutput, plan: SlotPlan, tokens: np.ndarray, t: float
-                     ) -> list[RequestOutput]:
-        want_lp = any(s is not None and s.payload.logprobs is not None for s in plan.slot_seqs)
-        if want_lp:
+    def _collect(self, out: StepOutput, plan: SlotPlan, dispatched: float
+                 ) -> list[RequestOutput]:
+        tokens = np.asarray(out.sample.tokens)  # the one transfer every step makes
+        t = time.perf_counter()
+        self._step_times.append((dispatched, t))
+        if plan.chunk_rows:
+            self._record_prompt_logprobs(out, plan)
+        if any(s.seq.payload.logprobs is not None for s in plan.sampled):
             lp, top_ids, top_lp = (np.asarray(a) for a in (
                 out.sample.logprobs, out.sample.top_ids, out.sample.top_logprobs))
         results = []
-        for slot, seq in enumerate(plan.slot_seqs):
-            if seq is None:
-                continue
-            req: Request = seq.payload
-            token = int(tokens[slot])
-            seq.output_ids.append(token)
+        for s in plan.sampled:
+            seq, req = s.seq, s.seq.payload
+            if req.finish_reason is not None:
+                continue  # finished by an earlier token while this step was in flight
+            token = int(tokens[s.slot])
+            seq.output_ids[s.out_index] = token
             m = req.metrics
             m.token_times.append(t)
             if m.first_token_time is None:
                 m.first_token_time = t
             if req.logprobs is not None:
                 k = req.params.logprobs
-                entry = {int(i): float(v) for i, v in zip(top_ids[slot, :k], top_lp[slot, :k])}
-                entry[token] = float(lp[slot])
+                entry = {int(i): float(v) for i, v in zip(top_ids[s.slot, :k],
+                                                           top_lp[s.slot, :k])}
+                entry[token] = float(lp[s.slot])
                 req.logprobs.append(entry)
-            reason = req.append_token(token, len(seq.output_ids), seq.num_tokens,
+            n_out = s.out_index + 1
+            reason = req.append_token(token, n_out, len(seq.prompt_ids) + n_out,
                                       self.cfg.max_model_len)
             if reason is not None:
                 req.finish_reason = reason
                 m.finished_time = t
-                self.scheduler.finish(seq)
+                if seq.status != SeqStatus.FINISHED:
+                    self.scheduler.finish(seq)
+                del seq.output_ids[n_out:]  # drop a token sampled after the stop
                 del self._requests[seq.request_id]
-            results.append(req.output(seq.output_ids, finished=reason is not None))
+            results.append(req.output(seq.output_ids[:n_out], finished=reason is not None))
         return results
 
     def _record_prompt_logprobs(self, out: StepOutput, plan: SlotPlan) -> None:
         lp = np.asarray(out.prompt_logprobs)
         top_ids = np.asarray(out.prompt_top_ids)
         top_lp = np.asarray(out.prompt_top_logprobs)
-        for seq, row0, start in plan.chunk_rows:
+        for seq, row0, start, length in plan.chunk_rows:
             req: Request = seq.payload
             k = req.params.prompt_logprobs
             n_prompt = len(seq.prompt_ids)
             # Row r predicts position start + r + 1; a recomputed chunk (after preemption)
             # finds its entries filled and leaves them.
-            for r in range(row0, row0 + (seq.num_computed - start)):
+            for r in range(row0, row0 + length):
                 target_pos = start + (r - row0) + 1
                 if target_pos >= n_prompt or req.prompt_logprobs[target_pos] is not None:
                     continue

@@ -23,6 +23,7 @@ class Request:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    pending_global_slot: int = -1  # where the step in flight samples this request's next token
 
     def __post_init__(self):
         if self.params.logprobs is not None:

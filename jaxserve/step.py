@@ -29,6 +29,9 @@ class StepBatch:
     """Everything one step reads; T = C*P + D tokens, S = C + D slots. Structure never varies."""
 
     token_ids: jax.Array  # i32[T]; chunk slot c holds [c*P, (c+1)*P), decode slot d holds C*P+d
+    # i32[T]; >= 0: take the token from the previous step's `next_tokens` at this index instead
+    # (the host schedules step N+1 before step N's tokens have come back).
+    prev_index: jax.Array
     positions: jax.Array  # i32[T]
     slot_mapping: jax.Array  # i32[T]; page * page_size + offset; padding -> page 0 (trash)
     chunk_lens: jax.Array  # i32[C]; real tokens per chunk slot (0 = empty)
@@ -44,6 +47,7 @@ class StepBatch:
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
     sample: SampleOutput  # per slot
+    next_tokens: jax.Array  # i32[C_mixed + D]; sampled tokens by global slot, fed to the next step
     prompt_logprobs: jax.Array  # f32[C*P]; logprob of prompt_targets (0 where none)
     prompt_top_ids: jax.Array  # i32[C*P, K]
     prompt_top_logprobs: jax.Array  # f32[C*P, K]
@@ -57,10 +61,13 @@ def _prompt_logprobs(model, hidden, targets, num_top):
     return jnp.where(targets >= 0, chosen, 0.0), top_ids.astype(jnp.int32), top_lp
 
 
-def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, *, model_cfg: ModelConfig,
-            shape: AttentionShape, backend: str, interpret: bool, num_top: int
-            ) -> tuple[StepOutput, KVCache]:
+def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: jax.Array, *,
+            model_cfg: ModelConfig, shape: AttentionShape, num_global_slots: int, backend: str,
+            interpret: bool, num_top: int) -> tuple[StepOutput, KVCache]:
+    """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`."""
     model = bind(model_cfg, params)
+    token_ids = jnp.where(batch.prev_index >= 0,
+                          prev_tokens[jnp.maximum(batch.prev_index, 0)], batch.token_ids)
     attend_pages = attention_fn(backend, shape, interpret=interpret)
     page = batch.slot_mapping // shape.page_size
     offset = batch.slot_mapping % shape.page_size
@@ -73,8 +80,12 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, *, model_cfg: M
                          batch.page_table)
         return o, KVCache(k=kc, v=vc)
 
-    hidden, cache = model.hidden_states(batch.token_ids, batch.positions, attend, cache)
+    hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache)
     out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top)
+    # Slots are numbered globally (chunk slots of the mixed step first), so a decode-only step's
+    # slot d is C_mixed + d in both executables.
+    next_tokens = jnp.zeros((num_global_slots,), jnp.int32).at[
+        num_global_slots - out.tokens.shape[0]:].set(out.tokens)
 
     n = shape.num_chunk_slots * shape.chunk_len
     empty = (jnp.zeros((n,), jnp.float32), jnp.zeros((n, num_top), jnp.int32),
@@ -86,7 +97,7 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, *, model_cfg: M
             lambda: empty)
     else:
         prompt = empty
-    return StepOutput(out, *prompt), cache
+    return StepOutput(out, next_tokens, *prompt), cache
 
 
 def example_batch(shape: AttentionShape) -> StepBatch:
@@ -95,7 +106,8 @@ def example_batch(shape: AttentionShape) -> StepBatch:
     t, s = c * p + d, c + d
     zi = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
     return StepBatch(
-        token_ids=zi(t), positions=zi(t), slot_mapping=zi(t), chunk_lens=zi(c), kv_lens=zi(s),
+        token_ids=zi(t), prev_index=np.full(t, -1, np.int32), positions=zi(t),
+        slot_mapping=zi(t), chunk_lens=zi(c), kv_lens=zi(s),
         page_table=zi(s, shape.pages_per_seq), sample_index=zi(s),
         sampling=SamplingInputs(
             temperature=np.zeros(s, np.float32), top_k=zi(s), top_p=np.ones(s, np.float32),
@@ -121,10 +133,14 @@ def compile_steps(model_cfg: ModelConfig, params, cache: KVCache, shape: Attenti
                   backend: str, interpret: bool, num_top: int) -> StepExecutables:
     decode_shape = dataclasses.replace(shape, num_chunk_slots=0)
 
+    num_global = shape.num_chunk_slots + shape.num_decode_slots
+    prev = jax.ShapeDtypeStruct((num_global,), jnp.int32)
+
     def build(s: AttentionShape):
-        fn = functools.partial(step_fn, model_cfg=model_cfg, shape=s, backend=backend,
-                               interpret=interpret, num_top=num_top)
-        return jax.jit(fn, donate_argnums=(1,)).lower(params, cache, example_batch(s)).compile()
+        fn = functools.partial(step_fn, model_cfg=model_cfg, shape=s, num_global_slots=num_global,
+                               backend=backend, interpret=interpret, num_top=num_top)
+        return jax.jit(fn, donate_argnums=(1,)).lower(
+            params, cache, example_batch(s), prev).compile()
 
     return StepExecutables(mixed=build(shape), decode_only=build(decode_shape),
                            mixed_shape=shape, decode_shape=decode_shape)

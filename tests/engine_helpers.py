@@ -47,6 +47,7 @@ class CharTokenizer:
     """A tokenizer for tests: token i is the character chr(ord('a') + i % 26)."""
 
     eos_token_ids = ()
+    byte_fallback_ids = frozenset()
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) - ord("a") for c in text]
