@@ -40,8 +40,11 @@ class AttentionShape:
         return tuple(sorted({max(1, math.ceil(self.pages_per_seq / f)) for f in (16, 8, 4, 2, 1)}))
 
 
-# attend(q f32[T, H, Dh], k_pages [N, page, KVH, Dh], v_pages, positions i32[T],
-#        kv_lens i32[C + D], page_table i32[C + D, pages_per_seq]) -> [T, H, Dh]
+# attend(q [T, H, Dh], k_pages [N, page, KVH, Dh], v_pages [N, page, KVH, Dh], *,
+#        positions i32[T], chunk_lens i32[C], kv_lens i32[C + D],
+#        page_table i32[C + D, pages_per_seq]) -> [T, H, Dh]
+# Queries: chunk slot c holds rows [c*P, c*P + chunk_lens[c]) (the rest is padding), decode slot
+# d holds row C*P + d (live iff kv_lens[C + d] > 0). Rows that are padding may hold anything.
 AttentionFn = Callable[..., jax.Array]
 
 
@@ -94,9 +97,10 @@ def _decode_attention(q, k_pages, v_pages, kv_lens, page_table, num_pages):
     return o.reshape(d, h, dh).astype(q.dtype)
 
 
-def reference_attention(q, k_pages, v_pages, positions, kv_lens, page_table, *,
+def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table,
                         shape: AttentionShape) -> jax.Array:
     """The XLA reference over a whole step: q [T, H, Dh] -> [T, H, Dh]."""
+    del chunk_lens  # padding rows are masked through positions and kv_lens
     c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
     t, h, dh = q.shape
     assert t == c * p + d, (t, c, p, d)

@@ -76,8 +76,9 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
         # Write first, so a chunk reads its own tokens' K/V from the cache like any other.
         kc = cache.k.at[layer, page, offset].set(k.astype(cache.k.dtype))
         vc = cache.v.at[layer, page, offset].set(v.astype(cache.v.dtype))
-        o = attend_pages(q, kc[layer], vc[layer], batch.positions, batch.kv_lens,
-                         batch.page_table)
+        o = attend_pages(q, kc[layer], vc[layer], positions=batch.positions,
+                         chunk_lens=batch.chunk_lens, kv_lens=batch.kv_lens,
+                         page_table=batch.page_table)
         return o, KVCache(k=kc, v=vc)
 
     hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache)
