@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -24,6 +25,25 @@ from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
 from jaxserve.step import StepOutput, compile_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One step, as benchmarks see it (times are time.perf_counter seconds)."""
+
+    kind: str  # "mixed" | "decode"
+    num_chunks: int
+    num_decodes: int
+    scheduled_tokens: int
+    dispatched_s: float
+    tokens_back_s: float = float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    out: StepOutput
+    plan: SlotPlan
+    record: StepRecord
 
 
 class Engine:
@@ -52,8 +72,8 @@ class Engine:
         self._rng = np.random.default_rng(cfg.seed)
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
-        self._inflight: tuple[StepOutput, SlotPlan, float] | None = None
-        self._step_times: list[tuple[float, float]] = []  # (dispatched, tokens back) per step
+        self._inflight: _InFlight | None = None
+        self.step_log: list[StepRecord] = []  # one per step, for benchmarks
         # Counts (and in tests forbids) compiles while serving; warm-up is outside it.
         self._counter = CompileCounter(strict=strict_compiles)
         t0 = time.perf_counter()
@@ -129,14 +149,14 @@ class Engine:
         """
         with self._counter:
             launched = self._launch()
-            results = self._collect(*self._inflight) if self._inflight else []
+            results = self._collect(self._inflight) if self._inflight else []
         self._inflight = launched
         self._stats["compiles_after_warmup"] = self._counter.count
         if launched is None and not results and self.scheduler.has_unfinished():
             raise RuntimeError("scheduler made no progress with requests pending")
         return results
 
-    def _launch(self) -> tuple[StepOutput, SlotPlan, float] | None:
+    def _launch(self) -> _InFlight | None:
         sched = self.scheduler.schedule()
         self._stats["preemptions"] += len(sched.preempted)
         for seq in sched.preempted:
@@ -166,7 +186,10 @@ class Engine:
             if (len(seq.output_ids) >= req.params.max_tokens
                     or seq.num_tokens >= self.cfg.max_model_len):
                 self.scheduler.finish(seq)
-        return out, plan, now
+        return _InFlight(out, plan, StepRecord(
+            kind="mixed" if mixed else "decode", num_chunks=len(sched.chunks),
+            num_decodes=len(sched.decodes), scheduled_tokens=sched.num_tokens,
+            dispatched_s=now))
 
     def _count(self, mixed: bool, scheduled: int, shape: AttentionShape) -> None:
         st = self._stats
@@ -175,11 +198,11 @@ class Engine:
         st["scheduled_tokens"] += scheduled
         st["slot_tokens"] += shape.num_chunk_slots * shape.chunk_len + shape.num_decode_slots
 
-    def _collect(self, out: StepOutput, plan: SlotPlan, dispatched: float
-                 ) -> list[RequestOutput]:
+    def _collect(self, inflight: _InFlight) -> list[RequestOutput]:
+        out, plan = inflight.out, inflight.plan
         tokens = np.asarray(out.sample.tokens)  # the one transfer every step makes
         t = time.perf_counter()
-        self._step_times.append((dispatched, t))
+        self.step_log.append(dataclasses.replace(inflight.record, tokens_back_s=t))
         if plan.chunk_rows:
             self._record_prompt_logprobs(out, plan)
         if any(s.seq.payload.logprobs is not None for s in plan.sampled):
