@@ -35,8 +35,44 @@ def summarize(outputs: list[RequestOutput], wall_s: float) -> dict:
     }
 
 
-def format_table(rows: list[tuple[str, str]], title: str) -> str:
-    width = max(len(k) for k, _ in rows) + 2
+def goodput(outputs: list[RequestOutput], wall_s: float, slo_ttft_ms: float | None,
+            slo_tpot_ms: float | None) -> dict:
+    """Requests that met every given SLO (TTFT, and TPOT for those with 2+ tokens), as vLLM's
+    `--goodput`: their count, their share and their rate over the run."""
+    def good(o: RequestOutput) -> bool:
+        m = o.metrics
+        if slo_ttft_ms is not None and (m.ttft is None or m.ttft * 1e3 > slo_ttft_ms):
+            return False
+        if slo_tpot_ms is not None and len(m.token_times) > 1:
+            tpot = (m.token_times[-1] - m.token_times[0]) / (len(m.token_times) - 1)
+            return tpot * 1e3 <= slo_tpot_ms
+        return True
+
+    n = sum(good(o) for o in outputs)
+    return {"slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "good_requests": n,
+            "fraction": n / len(outputs) if outputs else 0.0,
+            "goodput_req_s": n / wall_s if wall_s else 0.0}
+
+
+def format_table(rows: list[tuple[str, str | None]], title: str) -> str:
+    """Two columns under an `=` title; a row whose value is None is a `-` section heading."""
+    width = max(len(k) for k, v in rows if v is not None) + 2
     line = "=" * (width + 16)
-    body = "\n".join(f"{k + ':':<{width}}{v:>16}" for k, v in rows)
+    body = "\n".join(f"{k:-^{width + 16}}" if v is None else f"{k + ':':<{width}}{v:>16}"
+                     for k, v in rows)
     return f"{title:=^{width + 16}}\n{body}\n{line}"
+
+
+def format_columns(header: list[str], rows: list[list[str] | tuple[str]], title: str) -> str:
+    """A side-by-side table (first column left-aligned); a one-cell row is a section heading."""
+    cols = len(header)
+    widths = [max(len(str(r[i])) for r in [header, *rows] if len(r) == cols) + 2
+              for i in range(cols)]
+    total = sum(widths)
+
+    def fmt(r) -> str:
+        if len(r) == 1:
+            return f"{r[0]:-^{total}}"
+        return f"{r[0]:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(r[1:], widths[1:]))
+
+    return "\n".join([f"{title:=^{total}}", fmt(header), *(fmt(r) for r in rows), "=" * total])

@@ -1,0 +1,131 @@
+"""The machine's measured limits, and how close the run's steps came to them.
+
+Peak compute is measured, not looked up: the best of a few large square GEMMs in the run's dtype
+(jitted), and peak memory bandwidth is the best of a few large elementwise copies (`x + 1`: one
+read and one write of every byte). Then
+
+- MFU of mixed (chunked-prefill) steps = their model FLOPs / their wall time / measured GEMM FLOP/s.
+  Model FLOPs per token = 2·(non-embedding params) + attention (4·layers·heads·head_dim·context);
+  the lm_head (2·vocab·hidden) is counted for the tokens that sample, the only ones the engine
+  computes logits for. A prompt token's context is not visible from outside the engine, so each
+  prefill token is charged the run's mean prompt-attention cost (exact in total over the run).
+- MBU of decode-only steps = (weight bytes + K/V bytes read) / their wall time / measured GB/s,
+  with the K/V read being each decode token's context (prompt + tokens so far) — the bytes the
+  math needs, not what a padded attention implementation happens to touch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.models.functional import abstract_params, to_jnp_dtype
+
+
+def _best_time(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + first touch
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def default_sizes(platform: str) -> tuple[int, int]:
+    """(GEMM side, copy bytes): big enough to reach the plateau, small enough to be quick."""
+    if platform == "cpu":
+        return 2048, 256 * 2**20
+    return 8192, 2 * 2**30
+
+
+def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: int = 0,
+                    reps: int = 3) -> dict:
+    """Platform facts plus measured matmul GFLOP/s and copy GB/s in `dtype`."""
+    dev = jax.devices()[0]
+    n0, b0 = default_sizes(dev.platform)
+    n, nbytes = matmul_n or n0, copy_bytes or b0
+    jdtype = to_jnp_dtype(dtype)
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jdtype)
+    b = jax.random.normal(kb, (n, n), jdtype)
+    gemm_s = _best_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
+    del a, b
+    x = jnp.ones((nbytes // jnp.dtype(jdtype).itemsize,), jdtype)
+    copy_s = _best_time(jax.jit(lambda x: x + 1), x, reps=reps)
+    moved = 2 * x.size * x.dtype.itemsize
+    del x
+    return {
+        "platform": dev.platform, "device_kind": dev.device_kind,
+        "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__, "dtype": dtype,
+        "matmul_n": n, "matmul_gflops": 2 * n**3 / gemm_s / 1e9,
+        "copy_bytes": nbytes, "mem_gbps": moved / copy_s / 1e9,
+    }
+
+
+def model_costs(cfg: ModelConfig, dtype: str) -> dict:
+    """Per-token FLOPs and per-step bytes of a model, from its parameter shapes."""
+    total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(
+        abstract_params(cfg, dtype)))
+    head = cfg.vocab_size * cfg.hidden_size
+    embed = head  # the embedding table: a gather, no FLOPs, only the looked-up rows read
+    body = total - embed - (0 if cfg.tie_word_embeddings else head)
+    itemsize = jnp.dtype(to_jnp_dtype(dtype)).itemsize
+    return {
+        "params": total,
+        "body_flops_per_token": 2 * body,
+        "head_flops_per_sample": 2 * head,
+        "attn_flops_per_context_token": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,
+        "weight_bytes_per_step": (body + head) * itemsize,  # what every step must stream in
+        "kv_bytes_per_context_token": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        * itemsize,
+    }
+
+
+def _prompt_attention_per_token(costs: dict, prompt_lens: list[int]) -> float:
+    """Mean attention FLOPs of one prompt token: position p attends over p + 1 tokens."""
+    total = sum(n * (n + 1) / 2 for n in prompt_lens)
+    return costs["attn_flops_per_context_token"] * total / max(1, sum(prompt_lens))
+
+
+def roofline(steps, prompt_lens: list[int], costs: dict, machine: dict) -> dict:
+    """MFU of mixed steps and MBU of decode-only steps over a run's `StepTiming`s."""
+    attn_prompt = _prompt_attention_per_token(costs, prompt_lens)
+    mixed = [s for s in steps if s.kind == "mixed"]
+    decode = [s for s in steps if s.kind == "decode"]
+
+    def flops(s) -> float:
+        prefill_tokens = s.scheduled_tokens - s.decode_tokens
+        return (costs["body_flops_per_token"] * s.scheduled_tokens
+                + costs["head_flops_per_sample"] * s.sampled
+                + costs["attn_flops_per_context_token"] * s.decode_context_tokens
+                + attn_prompt * prefill_tokens)
+
+    def bytes_read(s) -> float:
+        return (costs["weight_bytes_per_step"]
+                + costs["kv_bytes_per_context_token"] * s.decode_context_tokens)
+
+    mixed_s = sum(s.duration_s for s in mixed)
+    decode_s = sum(s.duration_s for s in decode)
+    mixed_flops = sum(flops(s) for s in mixed)
+    decode_bytes = sum(bytes_read(s) for s in decode)
+    achieved_gflops = mixed_flops / mixed_s / 1e9 if mixed_s else float("nan")
+    achieved_gbps = decode_bytes / decode_s / 1e9 if decode_s else float("nan")
+    return {
+        "mixed_steps": len(mixed), "decode_steps": len(decode),
+        "mixed_step_ms_median": _median_ms(mixed), "decode_step_ms_median": _median_ms(decode),
+        "mixed_gflops": achieved_gflops, "decode_gbps": achieved_gbps,
+        "mfu_prefill": achieved_gflops / machine["matmul_gflops"],
+        "mbu_decode": achieved_gbps / machine["mem_gbps"],
+    }
+
+
+def _median_ms(steps) -> float:
+    return float(np.median([s.duration_s for s in steps]) * 1e3) if steps else float("nan")

@@ -1,0 +1,140 @@
+"""Drives an `Engine` on the real clock and times every step.
+
+A request is added once `time.perf_counter()` passes its arrival, with that arrival as its
+`arrival_time` (so a request that comes while a step runs is charged the wait, as a server's
+would be), and the engine is stepped while anything is in flight or waiting.
+
+Step timing. `Engine.step()` dispatches step k and then reads back step k-1, so the device runs
+the steps back to back while the host plans the next one. The call that launched step k returns
+when step k-1's tokens are back, i.e. when the device starts step k; the next call returns when
+step k's tokens are back. So step k takes from the end of the call that launched it to the end of
+the next call, and its tokens are that next call's outputs. Whether step k was mixed (it had
+prompt chunks) or decode-only, and how many tokens it scheduled, comes from the deltas of
+`engine.stats` across the call that launched it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+from jaxserve.bench.workloads import BenchRequest
+from jaxserve.outputs import RequestOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    kind: str  # "mixed" (prompt chunks, maybe decodes) | "decode" (decode-only executable)
+    start_s: float  # seconds after the run starts
+    end_s: float
+    scheduled_tokens: int  # real tokens computed (prompt-chunk tokens + decode tokens)
+    slot_tokens: int  # tokens the executable computed, padding included
+    sampled: int  # tokens that came back (decodes + prompts' first tokens)
+    decode_tokens: int  # of those, decode tokens (a request's 2nd token on)
+    decode_context_tokens: int  # sum of the decode tokens' context lengths (K/V read)
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclasses.dataclass
+class RunResult:
+    requests: list[BenchRequest]
+    outputs: dict[str, RequestOutput]  # request id -> its final output
+    steps: list[StepTiming]
+    t0: float  # perf_counter at the run's start; every *_s above is relative to it
+    wall_s: float  # start -> last token
+    stats: dict  # engine.stats deltas over the run (counts), and the engine's totals
+
+    def ordered_outputs(self) -> list[RequestOutput]:
+        return [self.outputs[r.id] for r in self.requests]
+
+
+_COUNTS = ("steps", "mixed_steps", "decode_steps", "scheduled_tokens", "slot_tokens",
+           "preemptions")
+
+
+def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: bool = True,
+        clock=time.perf_counter, sleep=time.sleep) -> RunResult:
+    """Replays `requests` against `engine` on the real clock; returns every output and step."""
+    pending = sorted(requests, key=lambda r: r.arrival_s)
+    ids = [r.id for r in pending]
+    if len(set(ids)) != len(ids):
+        raise ValueError("request ids must be unique within a run")
+    before = engine.stats
+    outputs: dict[str, RequestOutput] = {}
+    steps: list[StepTiming] = []
+    launched: dict | None = None  # the step in flight: its kind, counts and start
+    nxt = 0
+    bar = tqdm(total=len(pending), desc=desc, unit="req", file=sys.stderr, disable=not progress,
+               leave=False)
+    t0 = clock()
+    last_token = t0
+    with bar:
+        while nxt < len(pending) or engine.has_unfinished():
+            now = clock()
+            while nxt < len(pending) and t0 + pending[nxt].arrival_s <= now:
+                r = pending[nxt]
+                engine.add_request(r.id, r.prompt_token_ids, r.params,
+                                   arrival_time=t0 + r.arrival_s)
+                nxt += 1
+            if not engine.has_unfinished():
+                sleep(max(0.0, t0 + pending[nxt].arrival_s - clock()))
+                continue
+            st0 = engine.stats
+            outs = engine.step()
+            end = clock()
+            st1 = engine.stats
+            if launched is not None:
+                steps.append(_finish_step(launched, outs, end - t0))
+                launched = None
+            if st1["steps"] > st0["steps"]:
+                launched = {
+                    "kind": "mixed" if st1["mixed_steps"] > st0["mixed_steps"] else "decode",
+                    "start_s": end - t0,
+                    "scheduled_tokens": st1["scheduled_tokens"] - st0["scheduled_tokens"],
+                    "slot_tokens": st1["slot_tokens"] - st0["slot_tokens"]}
+            for out in outs:
+                last_token = max(last_token, out.metrics.token_times[-1])
+                if out.finished:
+                    outputs[out.request_id] = out
+                    bar.update(1)
+    after = engine.stats
+    stats = dict(after)
+    stats.update({k: after[k] - before[k] for k in _COUNTS})
+    stats["useful_token_fraction"] = (
+        stats["scheduled_tokens"] / stats["slot_tokens"] if stats["slot_tokens"] else 0.0)
+    missing = [i for i in ids if i not in outputs]
+    assert not missing, f"requests never finished: {missing[:5]}"
+    return RunResult(requests=pending, outputs=outputs, steps=steps, t0=t0,
+                     wall_s=last_token - t0, stats=stats)
+
+
+def _finish_step(launched: dict, outs: list[RequestOutput], end_s: float) -> StepTiming:
+    decodes = [o for o in outs if len(o.token_ids) > 1]
+    # The token a decode samples is the request's n-th; the step attended over prompt + n-1.
+    context = sum(len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in decodes)
+    return StepTiming(end_s=end_s, sampled=len(outs), decode_tokens=len(decodes),
+                      decode_context_tokens=context, **launched)
+
+
+def warm_up(engine, vocab_size: int, prompt_len: int, max_tokens: int = 8) -> dict:
+    """Throw-away requests through both executables; returns the timings of the last one.
+
+    The first pass pays the one-time costs (first touch of the buffers, thread pools); the second
+    is the calibration: {"prefill_s": its time to first token, "decode_step_s": its median
+    inter-token gap}.
+    """
+    from jaxserve.sampling_params import SamplingParams
+
+    prompt = [(7 * i + 1) % vocab_size for i in range(prompt_len)]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0)
+    for _ in range(2):
+        res = run(engine, [BenchRequest("warmup", 0.0, prompt, params)], progress=False)
+    m = res.outputs["warmup"].metrics
+    itls = sorted(m.itls)
+    return {"prefill_s": m.ttft, "decode_step_s": itls[len(itls) // 2] if itls else m.ttft}

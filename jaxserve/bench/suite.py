@@ -1,0 +1,201 @@
+"""The whole benchmark as one function: measure the machine, build the workload, run it in each
+mode (chunked, and with `compare_chunking` unchunked too) on a warmed-up engine, and assemble the
+report. The CLI maps flags onto `BenchOptions`; the tests call `run_benchmark` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Callable
+
+from jaxserve.bench import report as rep
+from jaxserve.bench import roofline, runner, workloads
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.metrics import goodput
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """Every benchmark setting and its default (the CLI's flags take theirs from here)."""
+
+    workload: str = "offline"
+    num_prompts: int = 16
+    input_len: int = 256
+    output_len: int = 64
+    range_ratio: float = 0.0
+    request_rate: float = math.inf  # online: Poisson rate, requests/s (inf: all at once)
+    num_streams: int = 8  # interference: short prompts decoding from the start ...
+    stream_prompt_len: int = 32  # ... each this long, producing --output_len tokens
+    num_long_prompts: int = 4  # ... while this many long prompts arrive
+    long_prompt_len: int = 1536  # 6 chunks of the default 256
+    long_output_len: int = 16
+    long_prompt_interval_s: float = 0.0  # 0: spread over the streams' decodes (calibrated)
+    trace_file: str | None = None
+    compare_chunking: bool = False
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    seed: int = 0  # of the random workloads
+    peer: str | None = None  # "hf"
+    matmul_n: int = 0  # 0: the platform's default GEMM size
+    copy_bytes: int = 0  # 0: the platform's default copy size
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.workload not in workloads.WORKLOADS:
+            raise ValueError(f"workload={self.workload!r} must be one of {workloads.WORKLOADS}")
+        if self.workload == "trace" and not self.trace_file:
+            raise ValueError("workload=trace needs a trace_file")
+        if self.peer not in (None, "hf"):
+            raise ValueError(f"peer={self.peer!r} must be 'hf' or unset")
+        for name in ("num_prompts", "input_len", "output_len", "num_streams",
+                     "stream_prompt_len", "num_long_prompts", "long_prompt_len",
+                     "long_output_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.long_prompt_interval_s < 0:
+            raise ValueError(f"long_prompt_interval_s={self.long_prompt_interval_s!r} "
+                             "must be >= 0 (0 = automatic)")
+
+
+def make_workload(opts: BenchOptions, vocab_size: int, sampling: dict,
+                  calibration: dict | None = None, log: Callable = print
+                  ) -> list[workloads.BenchRequest]:
+    """The requests of `opts.workload`. Interference arrivals need `calibration` (from
+    `runner.warm_up`) unless an interval is given; without either they are placeholders."""
+    o = opts
+    if o.workload == "offline":
+        return workloads.offline(o.num_prompts, o.input_len, o.output_len, o.range_ratio,
+                                 vocab_size, o.seed, sampling)
+    if o.workload == "online":
+        return workloads.online(o.num_prompts, o.input_len, o.output_len, o.range_ratio,
+                                vocab_size, o.seed, o.request_rate, sampling)
+    if o.workload == "interference":
+        if o.long_prompt_interval_s:
+            arrivals = [(k + 1) * o.long_prompt_interval_s for k in range(o.num_long_prompts)]
+        elif calibration:
+            # Streams prefill in a step or two, then decode for ~output_len decode steps.
+            start = 2 * calibration["prefill_s"]
+            span = o.output_len * calibration["decode_step_s"]
+            arrivals = workloads.spread_arrivals(o.num_long_prompts, start, span)
+        else:
+            arrivals = [0.0] * o.num_long_prompts
+        return workloads.interference(
+            o.num_streams, o.stream_prompt_len, o.output_len, o.num_long_prompts,
+            o.long_prompt_len, o.long_output_len, arrivals, vocab_size, o.seed, sampling)
+    reqs, errors = workloads.read_trace(o.trace_file, vocab_size, sampling)
+    for number, msg in sorted(errors.items()):
+        log(f"{o.trace_file}:{number}: skipped: {msg}")
+    if not reqs:
+        raise ValueError(f"trace {o.trace_file!r} has no valid request")
+    return reqs
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def mode_config(mode: str, engine_options: dict, need: int, model_cfg: ModelConfig
+                ) -> EngineConfig:
+    """The engine of one mode. Unchunked prefills a whole prompt in one chunk slot of
+    max_model_len tokens, so that slot is sized to the workload (its longest prompt + output)
+    unless max_model_len is given, and it gets one chunk slot."""
+    from jaxserve.llm import engine_config
+
+    if mode == "chunked":
+        if not engine_options.get("chunk_size"):
+            raise ValueError("chunked mode needs chunk_size > 0")
+        return engine_config(**engine_options)
+    page = engine_options.get("page_size") or EngineConfig.page_size
+    max_len = engine_options.get("max_model_len") or min(
+        _round_up(need, page), model_cfg.max_position_embeddings)
+    return engine_config(**{**engine_options, "chunk_size": 0, "num_chunk_slots": 1,
+                            "max_model_len": max_len})
+
+
+def _check_lengths(reqs, max_model_len: int, mode: str) -> None:
+    for r in reqs:
+        if r.prompt_len + r.params.max_tokens > max_model_len:
+            raise ValueError(
+                f"request {r.id!r}: prompt {r.prompt_len} + max_tokens {r.params.max_tokens} "
+                f"exceeds the {mode} engine's max_model_len={max_model_len}")
+
+
+def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_options: dict,
+                  sampling: dict | None = None, *, model_path: str | None = None,
+                  engines: dict | None = None, log: Callable | None = None) -> dict:
+    """Runs the benchmark; returns the report (see `report` for its shape).
+
+    `engines` caches built engines by config across calls (tests reuse them; every build
+    compiles), `log` takes the progress messages (default: stderr).
+    """
+    from jaxserve.engine import Engine
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    engines = {} if engines is None else engines
+    sampling = dict(sampling or {})
+    dtype = engine_options.get("dtype") or EngineConfig.dtype
+    chunked = bool(engine_options.get("chunk_size"))
+    if opts.compare_chunking and not chunked:
+        raise ValueError("--compare_chunking needs --chunk_size > 0 (the chunked side)")
+    modes = ["chunked", "unchunked"] if opts.compare_chunking else (
+        ["chunked"] if chunked else ["unchunked"])
+
+    machine = roofline.measure_machine(dtype, matmul_n=opts.matmul_n, copy_bytes=opts.copy_bytes)
+    log(f"machine: {machine['matmul_gflops']:.1f} GFLOP/s (GEMM), "
+        f"{machine['mem_gbps']:.1f} GB/s (copy) on {machine['device_kind']}")
+    costs = roofline.model_costs(model_cfg, dtype)
+    reqs = make_workload(opts, model_cfg.vocab_size, sampling, log=log)
+    need = max(r.prompt_len + r.params.max_tokens for r in reqs)
+    if need > model_cfg.max_position_embeddings:
+        raise ValueError(f"the workload needs {need} positions (prompt + output) but the model "
+                         f"has max_position_embeddings={model_cfg.max_position_embeddings}")
+    runs = []
+    for i, mode in enumerate(modes):
+        cfg = mode_config(mode, engine_options, need, model_cfg)
+        if cfg not in engines:
+            log(f"{mode}: building the engine (compiles every executable) ...")
+            engines[cfg] = Engine(model_cfg, params, cfg)
+        engine = engines[cfg]
+        _check_lengths(reqs, engine.cfg.max_model_len, mode)
+        calib = runner.warm_up(engine, model_cfg.vocab_size,
+                               prompt_len=max(1, min(32, engine.cfg.max_model_len - 9)))
+        if i == 0 and opts.workload == "interference":  # the same arrivals for every mode
+            reqs = make_workload(opts, model_cfg.vocab_size, sampling, calib, log=log)
+            log("interference: long prompts arrive at "
+                + ", ".join(f"{r.arrival_s:.2f}" for r in reqs if r.id.startswith("long")) + " s")
+        result = runner.run(engine, reqs, desc=f"{opts.workload} {mode}",
+                            progress=opts.progress)
+        roof = roofline.roofline(result.steps, [r.prompt_len for r in reqs], costs, machine)
+        good = None
+        if opts.slo_ttft_ms is not None or opts.slo_tpot_ms is not None:
+            good = goodput(result.ordered_outputs(), result.wall_s, opts.slo_ttft_ms,
+                           opts.slo_tpot_ms)
+        runs.append(rep.run_json(mode, engine.cfg, result, roof, good))
+    out = {"workload": opts.workload, "config": dataclasses.asdict(opts),
+           "model": {"path": model_path, "params": costs["params"],
+                     **dataclasses.asdict(model_cfg)},
+           "sampling": sampling, "machine": machine, "runs": runs}
+    if len(runs) == 2:
+        out["comparison"] = {"numerator": runs[0]["mode"], "denominator": runs[1]["mode"],
+                             "ratios": rep.comparison(runs[0], runs[1])}
+    if opts.peer == "hf":
+        out["peer"] = _run_peer(opts, model_path, reqs, engine_options, dtype, log)
+    return out
+
+
+def _run_peer(opts, model_path, reqs, engine_options, dtype, log) -> dict:
+    from jaxserve.bench import peer
+
+    ok, why = peer.hf_available()
+    if not ok:
+        log(f"peer skipped: {why}")
+        return {"name": "hf", "skipped": why}
+    if model_path is None:
+        why = "the peer loads the checkpoint from a folder; none was given"
+        log(f"peer skipped: {why}")
+        return {"name": "hf", "skipped": why}
+    batch = engine_options.get("max_decode_slots") or EngineConfig.max_decode_slots
+    log(f"peer: Hugging Face generate, static batches of {batch} ...")
+    return peer.run_hf(model_path, reqs, batch_size=batch, dtype=dtype, progress=opts.progress)

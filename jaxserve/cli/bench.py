@@ -1,0 +1,158 @@
+"""jaxserve-bench: what chunked prefill buys, measured on this machine.
+
+  jaxserve-bench --model=DIR --workload=offline --num_prompts=16 --input_len=256 --output_len=64
+  jaxserve-bench --model=DIR --workload=online --request_rate=2 --slo_ttft_ms=2000 --slo_tpot_ms=200
+  jaxserve-bench --model=DIR --workload=interference --compare_chunking \
+      --json_out=out/interference.json --plot_out=out/interference.png
+  jaxserve-bench --model=DIR --workload=trace --trace_file=trace.jsonl
+
+Workloads: offline (N requests at once: throughput), online (Poisson arrivals at --request_rate
+on the real clock: TTFT / TPOT / ITL / E2E latency, goodput at the SLOs), interference (decode
+streams while long prompts arrive mid-decode: the stall chunking removes), trace (replay a JSONL
+file, one request a line: {"arrival_s", "prompt_token_ids", "max_tokens"} + optional "id" and
+sampling fields; a bad line is reported with its number and skipped). Random workloads draw
+seeded token ids and ignore EOS, so each request produces exactly its output length.
+
+--compare_chunking runs the same workload with chunking (--chunk_size) and without (one chunk
+slot holding a whole prompt) in this process, and prints them side by side with ratios. Every
+run reports MFU of its mixed steps and MBU of its decode steps against the GEMM throughput and
+copy bandwidth measured at start-up. --peer=hf adds Hugging Face transformers generate on the
+same checkpoint when torch and transformers are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from jaxserve.bench import report as rep
+from jaxserve.bench.suite import BenchOptions, run_benchmark
+from jaxserve.bench.workloads import WORKLOADS
+from jaxserve.cli import flags as jflags
+
+_B = BenchOptions
+flags.DEFINE_enum("workload", _B.workload, WORKLOADS, "Which requests arrive when.")
+flags.DEFINE_integer("num_prompts", _B.num_prompts, "offline / online: number of requests.")
+flags.DEFINE_integer("input_len", _B.input_len, "offline / online: prompt tokens (mean).")
+flags.DEFINE_integer("output_len", _B.output_len,
+                     "Output tokens (mean) per request; interference: per decode stream.")
+flags.DEFINE_float("range_ratio", _B.range_ratio,
+                   "Lengths are uniform in [len·(1-r), len·(1+r)] (vLLM's random dataset).")
+flags.DEFINE_float("request_rate", _B.request_rate,
+                   "online: Poisson arrival rate (requests/s); inf = all at once.")
+flags.DEFINE_integer("num_streams", _B.num_streams, "interference: decode streams.")
+flags.DEFINE_integer("stream_prompt_len", _B.stream_prompt_len,
+                     "interference: prompt tokens of each decode stream.")
+flags.DEFINE_integer("num_long_prompts", _B.num_long_prompts,
+                     "interference: long prompts arriving during the decodes.")
+flags.DEFINE_integer("long_prompt_len", _B.long_prompt_len,
+                     "interference: tokens of each long prompt (several chunks).")
+flags.DEFINE_integer("long_output_len", _B.long_output_len,
+                     "interference: output tokens of each long prompt.")
+flags.DEFINE_float("long_prompt_interval_s", _B.long_prompt_interval_s,
+                   "interference: seconds between long-prompt arrivals; 0 = spread them over "
+                   "the streams' decodes, timed by a warm-up on this machine.")
+flags.DEFINE_string("trace_file", None, "trace: JSONL file of requests to replay.")
+flags.DEFINE_boolean("compare_chunking", _B.compare_chunking,
+                     "Run chunked (--chunk_size) and unchunked, side by side.")
+flags.DEFINE_float("slo_ttft_ms", None, "Goodput SLO on time to first token (ms).")
+flags.DEFINE_float("slo_tpot_ms", None, "Goodput SLO on time per output token (ms).")
+flags.DEFINE_enum("peer", None, ["hf"], "Also run this peer engine on the same workload.")
+flags.DEFINE_integer("matmul_n", _B.matmul_n, "Roofline GEMM side; 0 = the platform's default.")
+flags.DEFINE_integer("copy_mb", _B.copy_bytes // 2**20,
+                     "Roofline copy size (MiB); 0 = the platform's default.")
+flags.DEFINE_boolean("progress", _B.progress, "Show a progress bar per run.")
+flags.DEFINE_string("json_out", None, "Write every figure of every run here (JSON).")
+flags.DEFINE_string("plot_out", None,
+                    "Write ITL-over-time and ITL-CDF plots here (PNG; needs jaxserve[bench]).")
+jflags.define_engine_flags()
+jflags.define_sampling_flags()
+FLAGS = flags.FLAGS
+
+
+def options() -> BenchOptions:
+    return BenchOptions(
+        workload=FLAGS.workload, num_prompts=FLAGS.num_prompts, input_len=FLAGS.input_len,
+        output_len=FLAGS.output_len, range_ratio=FLAGS.range_ratio,
+        request_rate=FLAGS.request_rate, num_streams=FLAGS.num_streams,
+        stream_prompt_len=FLAGS.stream_prompt_len, num_long_prompts=FLAGS.num_long_prompts,
+        long_prompt_len=FLAGS.long_prompt_len, long_output_len=FLAGS.long_output_len,
+        long_prompt_interval_s=FLAGS.long_prompt_interval_s, trace_file=FLAGS.trace_file,
+        compare_chunking=FLAGS.compare_chunking, slo_ttft_ms=FLAGS.slo_ttft_ms,
+        slo_tpot_ms=FLAGS.slo_tpot_ms, seed=FLAGS.seed, peer=FLAGS.peer,
+        matmul_n=FLAGS.matmul_n, copy_bytes=FLAGS.copy_mb * 2**20, progress=FLAGS.progress)
+
+
+def sampling() -> dict:
+    """The sampling flags; max_tokens and ignore_eos are the workload's (see the module doc)."""
+    s = jflags.sampling_defaults(FLAGS)
+    if s.get("stop"):
+        raise ValueError("--stop needs a tokenizer; the benchmark works on token ids")
+    s.pop("max_tokens")
+    s.pop("ignore_eos")
+    return s
+
+
+def print_report(out: dict) -> None:
+    print(rep.machine_table(out["machine"]))
+    for run in out["runs"]:
+        print(rep.serve_table(run))
+    if "comparison" in out:
+        print(rep.compare_table(*out["runs"]))
+    peer = out.get("peer")
+    if peer and "skipped" not in peer:
+        print(rep.peer_table(peer, out["runs"][0]))
+    elif peer:
+        print(f"peer skipped: {peer['skipped']}")
+
+
+def main(argv) -> None:
+    del argv
+    from jaxserve.llm import DEMO_MODEL_PATH
+    from jaxserve.weights import load_model
+
+    if FLAGS.plot_out:  # fail before the long run, not after it
+        from jaxserve.bench.plot import require_matplotlib
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            sys.exit(f"error: {e}")
+    path = FLAGS.model or DEMO_MODEL_PATH
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        sys.exit(f"error: no model at {path!r}; pass --model=DIR (a Hugging Face folder), e.g. "
+                 "the benchmark model from `jaxserve-make-bench-model --out=DIR`")
+    try:
+        opts = options()
+        engine_options = jflags.engine_options(FLAGS)
+        model_cfg, params = load_model(path, dtype=engine_options["dtype"])
+        out = run_benchmark(opts, model_cfg, params, engine_options, sampling(), model_path=path)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print_report(out)
+    if FLAGS.json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+        with open(FLAGS.json_out, "w", encoding="utf-8") as f:
+            json.dump(rep.jsonable(out), f, indent=1, allow_nan=False)
+        print(f"wrote {FLAGS.json_out}", file=sys.stderr)
+    if FLAGS.plot_out:
+        from jaxserve.bench.plot import plot_runs
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.plot_out)), exist_ok=True)
+        plot_runs(out["runs"], FLAGS.plot_out, title=_plot_title(out))
+        print(f"wrote {FLAGS.plot_out}", file=sys.stderr)
+
+
+def _plot_title(out: dict) -> str:
+    m, model = out["machine"], out["model"]
+    return (f"jaxserve-bench {out['workload']}: {model['params'] / 1e6:.0f}M params, "
+            f"{m['device_kind']} ({m['platform']}, {m['cpu_count']} CPUs)")
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
