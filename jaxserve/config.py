@@ -187,6 +187,9 @@ def _parse_hf_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+# hf: Hugging Face's [out, in] projections as loaded; fused_in_out: q/k/v and gate/up fused and
+# stored [in, out] (measured faster for XLA's CPU dot); auto: fused_in_out on the CPU, else hf.
+WEIGHT_LAYOUTS = ("auto", "hf", "fused", "fused_in_out")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -210,6 +213,7 @@ class EngineConfig:
     pallas_interpret: bool = False
     max_logprobs: int = 20
     seed: int = 0
+    weight_layout: str = "auto"
 
     def __post_init__(self):
         for name in ("num_chunk_slots", "max_decode_slots", "page_size"):
@@ -224,6 +228,9 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_BACKENDS}")
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(
+                f"weight_layout={self.weight_layout!r} must be one of {WEIGHT_LAYOUTS}")
 
     def resolve(self, model: ModelConfig) -> "EngineConfig":
         """Fills the 0 = automatic fields against a model and checks the combination."""

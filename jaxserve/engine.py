@@ -19,7 +19,7 @@ from jaxserve.batching import PENDING, SlotPlan, build_batch
 from jaxserve.compile_guard import CompileCounter
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_cache
-from jaxserve.models.functional import to_jnp_dtype
+from jaxserve.models.functional import resolve_layout, to_jnp_dtype, to_layout
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
@@ -57,7 +57,9 @@ class Engine:
         if leaf_dtype != dtype:
             raise ValueError(f"params are {leaf_dtype} but the engine was asked for "
                              f"dtype={cfg.dtype!r}; load the model with the same dtype")
-        self.params = params
+        # Converted once to the serving layout; the caller's params are left as they are.
+        self.layout = resolve_layout(cfg.weight_layout)
+        self.params = to_layout(model_cfg, params, self.layout)
         self.num_top = max(1, min(cfg.max_logprobs, model_cfg.vocab_size))
         self.shape = AttentionShape(
             num_chunk_slots=cfg.num_chunk_slots, chunk_len=cfg.chunk_len,
@@ -78,7 +80,7 @@ class Engine:
         self._counter = CompileCounter(strict=strict_compiles)
         t0 = time.perf_counter()
         self.executables = compile_steps(
-            model_cfg, params, self.cache, self.shape, backend=self.backend,
+            model_cfg, self.layout, self.params, self.cache, self.shape, backend=self.backend,
             interpret=cfg.pallas_interpret, num_top=self.num_top)
         self.startup_compile_s = time.perf_counter() - t0
         self._stats = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "scheduled_tokens": 0,

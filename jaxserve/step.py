@@ -20,6 +20,7 @@ from jaxserve.attention import AttentionShape, attention_fn
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache import KVCache
 from jaxserve.models.functional import bind
+from jaxserve.models.llama import WeightLayout
 from jaxserve.sampling import SampleOutput, SamplingInputs, sample
 
 
@@ -62,10 +63,11 @@ def _prompt_logprobs(model, hidden, targets, num_top):
 
 
 def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: jax.Array, *,
-            model_cfg: ModelConfig, shape: AttentionShape, num_global_slots: int, backend: str,
-            interpret: bool, num_top: int) -> tuple[StepOutput, KVCache]:
+            model_cfg: ModelConfig, layout: WeightLayout, shape: AttentionShape,
+            num_global_slots: int, backend: str, interpret: bool, num_top: int
+            ) -> tuple[StepOutput, KVCache]:
     """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`."""
-    model = bind(model_cfg, params)
+    model = bind(model_cfg, params, layout)
     token_ids = jnp.where(batch.prev_index >= 0,
                           prev_tokens[jnp.maximum(batch.prev_index, 0)], batch.token_ids)
     attend_pages = attention_fn(backend, shape, interpret=interpret)
@@ -130,15 +132,17 @@ class StepExecutables:
         return 2
 
 
-def compile_steps(model_cfg: ModelConfig, params, cache: KVCache, shape: AttentionShape, *,
-                  backend: str, interpret: bool, num_top: int) -> StepExecutables:
+def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: KVCache,
+                  shape: AttentionShape, *, backend: str, interpret: bool, num_top: int
+                  ) -> StepExecutables:
     decode_shape = dataclasses.replace(shape, num_chunk_slots=0)
 
     num_global = shape.num_chunk_slots + shape.num_decode_slots
     prev = jax.ShapeDtypeStruct((num_global,), jnp.int32)
 
     def build(s: AttentionShape):
-        fn = functools.partial(step_fn, model_cfg=model_cfg, shape=s, num_global_slots=num_global,
+        fn = functools.partial(step_fn, model_cfg=model_cfg, layout=layout, shape=s,
+                               num_global_slots=num_global,
                                backend=backend, interpret=interpret, num_top=num_top)
         return jax.jit(fn, donate_argnums=(1,)).lower(
             params, cache, example_batch(s), prev).compile()

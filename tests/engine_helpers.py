@@ -43,14 +43,19 @@ def dense_greedy(cfg, params, prompt: list[int], max_tokens: int, max_len: int =
     return out
 
 
-class CharTokenizer:
-    """A tokenizer for tests: token i is the character chr(ord('a') + i % 26)."""
+def char_tokenizer():
+    """A real `Tokenizer` for tests whose 97 tokens are single characters (no merges)."""
+    import string
 
-    eos_token_ids = ()
-    byte_fallback_ids = frozenset()
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) - ord("a") for c in text]
+    from jaxserve.tokenizer import Tokenizer
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(ord("a") + i % 26) for i in ids)
+    chars = string.ascii_letters + string.digits + string.punctuation + " \n\t"
+    assert len(chars) == TINY.vocab_size
+    tok = tokenizers.Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)},
+                                                unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return Tokenizer(tok, bos_token_id=None, eos_token_ids=())

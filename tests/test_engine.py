@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from engine_helpers import TINY, CharTokenizer, dense_greedy, dense_logprobs, tiny_params
+from engine_helpers import TINY, char_tokenizer, dense_greedy, dense_logprobs, tiny_params
 from jaxserve import LLM, SamplingParams
 
 # Small chunks (8), few decode slots (requests queue) and few pages (preemption happens).
@@ -118,9 +118,10 @@ def test_eos_stops_unless_ignored():
                                                       ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
     assert out.token_ids == dense_greedy(cfg, params, long_prompt, 4)
-    # Stop strings need text: a character tokenizer makes token i the letter i % 26.
-    llm.engine.tokenizer = CharTokenizer()
-    text = CharTokenizer().decode(ref)
+    # Stop strings need text: a tokenizer whose every token is one character.
+    llm.engine.tokenizer = char_tokenizer()
+    text = llm.engine.tokenizer.decode(ref)
+    assert len(text) == len(ref)
     stop = text[2:4]
     out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
         max_tokens=6, temperature=0, ignore_eos=True, stop=[stop]))[0]

@@ -9,7 +9,7 @@ import dataclasses
 
 from absl import flags
 
-from jaxserve.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from jaxserve.config import ATTENTION_BACKENDS, DTYPES, WEIGHT_LAYOUTS, EngineConfig
 from jaxserve.sampling_params import SamplingParams
 
 _E = EngineConfig
@@ -32,6 +32,8 @@ def define_engine_flags() -> None:
                          "Run Pallas kernels in interpret mode (CPU testing).")
     flags.DEFINE_integer("max_logprobs", _E.max_logprobs, "Most top logprobs a request may ask.")
     flags.DEFINE_integer("seed", _E.seed, "Seed for requests that give none.")
+    flags.DEFINE_enum("weight_layout", _E.weight_layout, WEIGHT_LAYOUTS,
+                      "Serving layout of the projection weights (auto: by platform).")
 
 
 def define_sampling_flags() -> None:

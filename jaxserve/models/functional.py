@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.models.llama import LlamaForCausalLM
+from jaxserve.models.llama import HF_LAYOUT, LlamaForCausalLM, WeightLayout
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -27,28 +27,72 @@ def to_jnp_dtype(dtype) -> jnp.dtype:
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract(cfg: ModelConfig, dtype_name: str):
-    model = nnx.eval_shape(
-        lambda: LlamaForCausalLM(cfg, dtype=_DTYPES[dtype_name], rngs=nnx.Rngs(0)))
+def _abstract(cfg: ModelConfig, dtype_name: str, layout: WeightLayout):
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(
+        cfg, dtype=_DTYPES[dtype_name], rngs=nnx.Rngs(0), layout=layout))
     return nnx.split(model)
 
 
-def graphdef(cfg: ModelConfig, dtype="float32"):
-    return _abstract(cfg, jnp.dtype(to_jnp_dtype(dtype)).name)[0]
+def _key(dtype) -> str:
+    return jnp.dtype(to_jnp_dtype(dtype)).name
 
 
-def abstract_params(cfg: ModelConfig, dtype="float32") -> nnx.State:
+def graphdef(cfg: ModelConfig, dtype="float32", layout: WeightLayout = HF_LAYOUT):
+    return _abstract(cfg, _key(dtype), layout)[0]
+
+
+def abstract_params(cfg: ModelConfig, dtype="float32", layout: WeightLayout = HF_LAYOUT
+                    ) -> nnx.State:
     """The params' structure with `jax.ShapeDtypeStruct` leaves (no memory)."""
-    return _abstract(cfg, jnp.dtype(to_jnp_dtype(dtype)).name)[1]
+    return _abstract(cfg, _key(dtype), layout)[1]
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype="float32") -> nnx.State:
-    """Random params (normal, 1/sqrt(fan_in)): test and benchmark models."""
+    """Random params (normal, 1/sqrt(fan_in)) in Hugging Face's layout: test and bench models."""
     model = LlamaForCausalLM(cfg, dtype=to_jnp_dtype(dtype), rngs=nnx.Rngs(seed))
     return nnx.split(model)[1]
 
 
-def bind(cfg: ModelConfig, params: nnx.State) -> LlamaForCausalLM:
+def resolve_layout(name: str, platform: str | None = None) -> WeightLayout:
+    """An EngineConfig.weight_layout name -> WeightLayout (`auto` decides by platform)."""
+    if name == "auto":
+        name = "fused_in_out" if (platform or jax.default_backend()) == "cpu" else "hf"
+    layouts = {"hf": HF_LAYOUT, "fused": WeightLayout(fused=True),
+               "fused_in_out": WeightLayout(fused=True, in_out=True)}
+    if name not in layouts:
+        raise ValueError(f"weight_layout={name!r} must be one of {('auto', *layouts)}")
+    return layouts[name]
+
+
+def to_layout(cfg: ModelConfig, params: nnx.State, layout: WeightLayout) -> nnx.State:
+    """Converts Hugging Face-layout params to `layout` (fusing, transposing); the serving form."""
+    if layout == HF_LAYOUT:
+        return params
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(params)}
+    leaf = jax.tree_util.tree_leaves(params)[0]
+
+    def value(name: str) -> jax.Array:
+        prefix, _, leafname = name.rpartition(".")
+        module = prefix.rpartition(".")[2]
+        parent = prefix.rpartition(".")[0]
+        if module == "qkv_proj":
+            parts = [flat[f"{parent}.{m}.{leafname}"] for m in ("q_proj", "k_proj", "v_proj")]
+            x = jnp.concatenate(parts, axis=0)
+        elif module == "gate_up_proj":
+            x = jnp.concatenate([flat[f"{parent}.gate_proj.weight"],
+                                 flat[f"{parent}.up_proj.weight"]], axis=0)
+        else:
+            x = flat[name]
+        if layout.in_out and leafname == "weight" and x.ndim == 2 and module != "embed_tokens":
+            x = x.T
+        return x
+
+    return nnx.map_state(lambda p, v: v.replace(value(".".join(map(str, p)))),
+                         abstract_params(cfg, leaf.dtype, layout))
+
+
+def bind(cfg: ModelConfig, params: nnx.State, layout: WeightLayout = HF_LAYOUT
+         ) -> LlamaForCausalLM:
     """Rebuilds the module around `params` (works on traced arrays inside jit)."""
     leaf = jax.tree_util.tree_leaves(params)[0]
-    return nnx.merge(graphdef(cfg, leaf.dtype), params)
+    return nnx.merge(graphdef(cfg, leaf.dtype, layout), params)

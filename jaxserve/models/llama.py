@@ -11,6 +11,8 @@ attention over one sequence) and the paged engine step (K/V written to and read 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -24,22 +26,40 @@ from jaxserve.config import ModelConfig, RopeConfig
 AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def _dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] @ w[out, in]^T, accumulating in float32 when the weights are bfloat16."""
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+    """How projection weights are stored. `HF` (the default) is Hugging Face's: separate
+    projections, each `[out, in]`. The engine may convert to a serving layout once at start-up:
+    `fused` concatenates q/k/v and gate/up into one projection each (fewer, larger matmuls) and
+    `in_out` stores `[in, out]`, which XLA's CPU dot streams faster for decode-sized batches
+    (benchmarks/weight_layouts.py)."""
+
+    fused: bool = False
+    in_out: bool = False
+
+
+HF_LAYOUT = WeightLayout()
+
+
+def _dot(x: jax.Array, w: jax.Array, in_out: bool) -> jax.Array:
+    """x [..., in] @ w, w [out, in] (or [in, out]); f32 accumulation for bfloat16 weights."""
+    contract = 0 if in_out else 1
     return jax.lax.dot_general(
-        x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
     ).astype(x.dtype)
 
 
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs,
+                 in_out: bool = False):
         scale = 1.0 / math.sqrt(in_features)
-        self.weight = nnx.Param(
-            jax.random.normal(rngs.params(), (out_features, in_features), dtype) * scale)
+        shape = (in_features, out_features) if in_out else (out_features, in_features)
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * scale)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+        self.in_out = in_out
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = _dot_last(x, self.weight[...])
+        y = _dot(x, self.weight[...], self.in_out)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -96,13 +116,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, hd = cfg.hidden_size, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = Linear(h, cfg.num_heads * hd, bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, cfg.num_kv_heads * hd, bias=bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, cfg.num_kv_heads * hd, bias=bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.num_heads * hd, h, bias=False, dtype=dtype, rngs=rngs)
+        lin = functools.partial(Linear, bias=cfg.attention_bias, dtype=dtype, rngs=rngs,
+                                in_out=layout.in_out)
+        nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        if layout.fused:
+            self.qkv_proj = lin(h, nq + 2 * nkv)
+        else:
+            self.q_proj, self.k_proj, self.v_proj = lin(h, nq), lin(h, nkv), lin(h, nkv)
+        self.o_proj = Linear(nq, h, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out)
+        self.fused = layout.fused
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype)
@@ -113,9 +137,15 @@ class Attention(nnx.Module):
 
     def __call__(self, layer: int, x, positions, attend: AttendFn, cache):
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        if self.fused:
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self._rope, self.head_dim)
@@ -125,22 +155,31 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, i, bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(i, h, bias=False, dtype=dtype, rngs=rngs)
+        lin = functools.partial(Linear, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out)
+        if layout.fused:
+            self.gate_up_proj = lin(h, 2 * i)
+        else:
+            self.gate_proj, self.up_proj = lin(h, i), lin(h, i)
+        self.down_proj = lin(i, h)
+        self.fused, self.intermediate = layout.fused, i
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gu = self.gate_up_proj(x)
+            gate, up = gu[:, : self.intermediate], gu[:, self.intermediate:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, layout=layout)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, layout=layout)
 
     def __call__(self, layer: int, x, positions, attend: AttendFn, cache):
         a, cache = self.self_attn(layer, self.input_layernorm(x), positions, attend, cache)
@@ -151,24 +190,25 @@ class DecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     """The decoder stack; Hugging Face's `model.*` names."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs, layout=layout)
+                                for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
 
 class LlamaForCausalLM(nnx.Module):
     """Hugging Face's `LlamaForCausalLM` (and its Mistral / Qwen2 / Qwen3 siblings)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 layout: WeightLayout = HF_LAYOUT):
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs)
+        self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs, layout=layout)
         if cfg.tie_word_embeddings:
-            self.lm_head = None
+            self.lm_head = None  # the embedding, [vocab, hidden], doubles as the head
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
-                                  rngs=rngs)
+                                  rngs=rngs, in_out=layout.in_out)
 
     def hidden_states(self, token_ids, positions, attend: AttendFn, cache):
         """token_ids i32[T], positions i32[T] -> (final-normed hidden [T, hidden], cache)."""
@@ -179,7 +219,9 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, hidden] -> f32[N, vocab]."""
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        w = head.weight[...]
-        return jax.lax.dot_general(hidden, w, (((1,), (1,)), ((), ())),
+        if self.lm_head is None:
+            w, in_out = self.model.embed_tokens.weight[...], False
+        else:
+            w, in_out = self.lm_head.weight[...], self.lm_head.in_out
+        return jax.lax.dot_general(hidden, w, (((1,), (0 if in_out else 1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
