@@ -48,7 +48,7 @@ def run_hf(model_path: str, requests: list[BenchRequest], *, batch_size: int,
     _generate(model, batches[0][:1], max_new=2)  # warm-up, untimed
     t0 = time.perf_counter()
     with tqdm(total=len(order), desc="hf peer", unit="req", file=sys.stderr,
-              disable=not progress, leave=False) as bar:
+              disable=not progress, leave=True) as bar:
         for batch in batches:
             _generate(model, batch, max_new=max(r.params.max_tokens for r in batch))
             bar.update(len(batch))

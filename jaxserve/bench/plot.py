@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-INSTALL_HINT = "--plot_out needs matplotlib: pip install 'jaxserve[bench]' (or pip install matplotlib)"
+INSTALL_HINT = ("plotting needs matplotlib, an optional extra: pip install 'jaxserve[bench]' "
+                "(or pip install matplotlib)")
 
 
 def require_matplotlib():

@@ -1,14 +1,15 @@
 """The machine's measured limits, and how close the run's steps came to them.
 
-Peak compute is measured, not looked up: the best of a few large square GEMMs in the run's dtype
-(jitted), and peak memory bandwidth is the best of a few large elementwise copies (`x + 1`: one
-read and one write of every byte). Then
+Peak compute is measured, not looked up: the best of a few large square GEMMs in the run's
+dtype (jitted); peak memory bandwidth is the best of a few large elementwise copies (`x + 1` in
+place: one read and one write of every byte). Then
 
 - MFU of mixed (chunked-prefill) steps = their model FLOPs / their wall time / measured GEMM FLOP/s.
-  Model FLOPs per token = 2·(non-embedding params) + attention (4·layers·heads·head_dim·context);
-  the lm_head (2·vocab·hidden) is counted for the tokens that sample, the only ones the engine
-  computes logits for. A prompt token's context is not visible from outside the engine, so each
-  prefill token is charged the run's mean prompt-attention cost (exact in total over the run).
+  Model FLOPs per token = 2·(params outside the embedding and the lm_head) + attention
+  (4·layers·heads·head_dim·context); the lm_head's 2·vocab·hidden is added for the tokens that
+  sample, the only ones the engine computes logits for. A prompt token's context is not visible
+  from outside the engine, so each prefill token is charged the run's mean prompt-attention cost
+  (exact in total over the run).
 - MBU of decode-only steps = (weight bytes + K/V bytes read) / their wall time / measured GB/s,
   with the K/V read being each decode token's context (prompt + tokens so far) — the bytes the
   math needs, not what a padded attention implementation happens to touch.
@@ -38,6 +39,21 @@ def _best_time(fn, *args, reps: int) -> float:
     return best
 
 
+def _copy_time(nbytes: int, dtype, reps: int) -> tuple[float, int]:
+    """Best time of an in-place `x + 1` over `nbytes` (the input donated, so no fresh output
+    buffer is paged in each call), and the bytes it moves (read + write)."""
+    step = jax.jit(lambda x: x + 1, donate_argnums=0)
+    x = step(jnp.ones((nbytes // jnp.dtype(dtype).itemsize,), dtype))  # compile + first touch
+    x.block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        x = step(x)
+        x.block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best, 2 * x.size * x.dtype.itemsize
+
+
 def default_sizes(platform: str) -> tuple[int, int]:
     """(GEMM side, copy bytes): big enough to reach the plateau, small enough to be quick."""
     if platform == "cpu":
@@ -57,10 +73,7 @@ def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: in
     b = jax.random.normal(kb, (n, n), jdtype)
     gemm_s = _best_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
     del a, b
-    x = jnp.ones((nbytes // jnp.dtype(jdtype).itemsize,), jdtype)
-    copy_s = _best_time(jax.jit(lambda x: x + 1), x, reps=reps)
-    moved = 2 * x.size * x.dtype.itemsize
-    del x
+    copy_s, moved = _copy_time(nbytes, jdtype, reps)
     return {
         "platform": dev.platform, "device_kind": dev.device_kind,
         "device_count": jax.device_count(), "cpu_count": os.cpu_count(),

@@ -71,7 +71,7 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
     launched: dict | None = None  # the step in flight: its kind, counts and start
     nxt = 0
     bar = tqdm(total=len(pending), desc=desc, unit="req", file=sys.stderr, disable=not progress,
-               leave=False)
+               leave=True)
     t0 = clock()
     last_token = t0
     with bar:

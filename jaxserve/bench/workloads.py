@@ -31,7 +31,7 @@ class BenchRequest:
 
 
 def random_lengths(rng: np.random.Generator, n: int, mean: int, range_ratio: float) -> np.ndarray:
-    """n integer lengths uniform in [mean·(1-r), mean·(1+r)], at least 1 (vLLM's random dataset)."""
+    """n integer lengths uniform in [mean·(1-r), mean·(1+r)], at least 1 (vLLM's random set)."""
     if not 0 <= range_ratio < 1:
         raise ValueError(f"range_ratio={range_ratio!r} must be in [0, 1)")
     if mean < 1:

@@ -146,7 +146,7 @@ def main(argv) -> None:
 
 def _plot_title(out: dict) -> str:
     m, model = out["machine"], out["model"]
-    return (f"jaxserve-bench {out['workload']}: {model['params'] / 1e6:.0f}M params, "
+    return (f"jaxserve-bench {out['workload']}: {model['params'] / 1e6:.1f}M params, "
             f"{m['device_kind']} ({m['platform']}, {m['cpu_count']} CPUs)")
 
 

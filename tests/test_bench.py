@@ -1,0 +1,328 @@
+"""jaxserve-bench on a tiny model: every workload's report has the documented shape and is
+internally consistent. One chunked and one unchunked engine serve every test (each build
+compiles), shared through `run_benchmark(engines=...)`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine_helpers import TINY, tiny_params
+from jaxserve.bench import report as rep
+from jaxserve.bench import roofline, workloads
+from jaxserve.bench.runner import StepTiming
+from jaxserve.bench.suite import BenchOptions, mode_config, run_benchmark
+from jaxserve.metrics import distribution
+
+ENGINE = dict(chunk_size=8, num_chunk_slots=2, max_decode_slots=4, page_size=8, max_model_len=64)
+FAST_ROOFLINE = dict(matmul_n=128, copy_bytes=2**20, progress=False)
+SAMPLING = {"temperature": 1.0}
+HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": TINY.vocab_size,
+    "hidden_size": TINY.hidden_size, "intermediate_size": TINY.intermediate_size,
+    "num_hidden_layers": TINY.num_layers, "num_attention_heads": TINY.num_heads,
+    "num_key_value_heads": TINY.num_kv_heads, "head_dim": TINY.head_dim,
+    "max_position_embeddings": TINY.max_position_embeddings, "rms_norm_eps": TINY.rms_norm_eps,
+    "rope_theta": TINY.rope.theta, "hidden_act": "silu", "eos_token_id": 3}
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return {}
+
+
+def bench(engines, log=None, **options):
+    opts = BenchOptions(**{**FAST_ROOFLINE, **options})
+    return run_benchmark(opts, TINY, tiny_params(), ENGINE, SAMPLING, engines=engines,
+                         log=log or (lambda msg: None))
+
+
+def check_report(out: dict, num_requests: int, modes=("chunked",)) -> None:
+    assert set(out["machine"]) >= {"platform", "device_kind", "cpu_count", "jax_version",
+                                   "matmul_gflops", "mem_gbps"}
+    assert out["machine"]["matmul_gflops"] > 0 and out["machine"]["mem_gbps"] > 0
+    assert [r["mode"] for r in out["runs"]] == list(modes)
+    json.dumps(rep.jsonable(out), allow_nan=False)  # strict JSON
+    for run in out["runs"]:
+        check_run(run, num_requests)
+
+
+def check_run(run: dict, num_requests: int) -> None:
+    assert isinstance(run["chunk_size"], int)
+    assert (run["chunk_size"] > 0) == (run["mode"] == "chunked")
+    assert len(run["requests"]) == num_requests
+    itls, out_tokens = [], 0
+    for r in run["requests"]:
+        assert set(r) >= {"id", "arrival_s", "first_token_s", "token_times_s", "prompt_len",
+                          "output_len"}
+        t = r["token_times_s"]
+        assert len(t) == r["output_len"] >= 1
+        assert len(np.diff(t)) == r["output_len"] - 1  # one ITL per token after the first
+        assert all(b >= a for a, b in zip(t, t[1:]))
+        assert r["first_token_s"] == t[0] >= r["arrival_s"] >= 0
+        itls += list(np.diff(t))
+        out_tokens += r["output_len"]
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        d = run[key]
+        assert set(d) == {"mean", "median", "p99", "max"}
+        assert d["mean"] <= d["max"] + 1e-9 and d["median"] <= d["max"] + 1e-9
+        assert d["median"] <= d["p99"] + 1e-9 <= d["max"] + 2e-9
+    # The ITL summary is the requests' own gaps.
+    assert run["itl_ms"] == pytest.approx(distribution(itls))
+    assert run["output_tokens"] == out_tokens
+    assert run["output_throughput_tok_s"] == pytest.approx(out_tokens / run["duration_s"])
+    assert run["total_throughput_tok_s"] > run["output_throughput_tok_s"] > 0
+    assert 0 < run["useful_token_fraction"] <= 1
+    assert run["executables_compiled"] <= 2
+    assert run["compiles_after_warmup"] == 0
+    # Every output token came back from exactly one timed step; steps follow one another.
+    steps = run["steps"]
+    assert sum(s["sampled"] for s in steps) == out_tokens
+    assert {s["kind"] for s in steps} <= {"mixed", "decode"}
+    assert any(s["kind"] == "mixed" for s in steps)
+    assert all(s["end_s"] >= s["start_s"] for s in steps)
+    assert all(b["start_s"] >= a["end_s"] - 1e-9 for a, b in zip(steps, steps[1:]))
+    assert run["stats"]["steps"] == len(steps)
+    roof = run["roofline"]
+    assert roof["mixed_steps"] + roof["decode_steps"] == len(steps)
+    assert roof["mfu_prefill"] > 0
+
+
+# -- each workload ---------------------------------------------------------------------------
+
+def test_offline(engines):
+    out = bench(engines, workload="offline", num_prompts=4, input_len=12, output_len=5,
+                range_ratio=0.5)
+    check_report(out, 4)
+    run = out["runs"][0]
+    assert all(r["arrival_s"] == 0 for r in run["requests"])
+    assert all(6 <= r["prompt_len"] <= 18 and 2 <= r["output_len"] <= 8 for r in run["requests"])
+    assert run["goodput"] is None
+
+
+def test_online_with_goodput(engines):
+    out = bench(engines, workload="online", num_prompts=5, input_len=10, output_len=4,
+                request_rate=200.0, slo_ttft_ms=1e6, slo_tpot_ms=1e-6)
+    check_report(out, 5)
+    run = out["runs"][0]
+    arrivals = [r["arrival_s"] for r in run["requests"]]
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals) and arrivals[-1] > 0
+    g = run["goodput"]  # every TTFT meets 1e6 ms, no TPOT meets 1e-6 ms
+    assert g["good_requests"] == 0 and g["fraction"] == 0
+    assert "Request goodput (req/s)" in rep.serve_table(run)
+
+
+def test_interference(engines):
+    out = bench(engines, workload="interference", num_streams=3, stream_prompt_len=4,
+                output_len=12, num_long_prompts=2, long_prompt_len=30, long_output_len=3)
+    check_report(out, 5)
+    reqs = {r["id"]: r for r in out["runs"][0]["requests"]}
+    assert sorted(reqs) == ["long-0", "long-1", "stream-0", "stream-1", "stream-2"]
+    assert all(reqs[f"long-{i}"]["prompt_len"] == 30 for i in range(2))
+    assert all(reqs[f"stream-{i}"]["output_len"] == 12 for i in range(3))
+    assert 0 < reqs["long-0"]["arrival_s"] < reqs["long-1"]["arrival_s"]  # calibrated spread
+
+
+def test_trace_skips_bad_lines(engines, tmp_path):
+    lines = [
+        json.dumps({"arrival_s": 0.0, "prompt_token_ids": [1, 2, 3], "max_tokens": 4}),
+        "{not json",
+        json.dumps({"id": "b", "arrival_s": 0.01, "prompt_token_ids": [5] * 20, "max_tokens": 2,
+                    "temperature": 0}),
+        json.dumps({"arrival_s": 0.0, "prompt_token_ids": [1, 500], "max_tokens": 2}),
+        "",
+        json.dumps({"arrival_s": 0.02, "prompt_token_ids": [7, 8], "max_tokens": 3}),
+    ]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(lines) + "\n")
+    messages = []
+    out = bench(engines, log=messages.append, workload="trace", trace_file=str(trace))
+    check_report(out, 3)
+    reqs = {r["id"]: r for r in out["runs"][0]["requests"]}
+    assert sorted(reqs) == ["b", "line-1", "line-6"]
+    assert [reqs[i]["output_len"] for i in ("line-1", "b", "line-6")] == [4, 2, 3]
+    assert reqs["b"]["arrival_s"] == pytest.approx(0.01)
+    skipped = [m for m in messages if "skipped" in m]
+    assert len(skipped) == 2
+    assert f"{trace}:2: skipped: not valid JSON" in skipped[0]
+    assert f"{trace}:4: skipped:" in skipped[1] and "500" in skipped[1]
+
+
+def test_compare_chunking(engines):
+    out = bench(engines, workload="offline", num_prompts=3, input_len=20, output_len=4,
+                compare_chunking=True)
+    check_report(out, 3, modes=("chunked", "unchunked"))
+    chunked, unchunked = out["runs"]
+    assert chunked["chunk_size"] == 8 and unchunked["chunk_size"] == 0
+    # Unchunked prefills a whole prompt in one slot sized to the workload (24 -> 3 pages of 8).
+    assert unchunked["engine"]["num_chunk_slots"] == 1
+    assert [r["prompt_len"] for r in chunked["requests"]] == [
+        r["prompt_len"] for r in unchunked["requests"]]
+    assert out["comparison"]["numerator"] == "chunked"
+    ratios = out["comparison"]["ratios"]
+    assert ratios["Output tok/s"] == pytest.approx(
+        chunked["output_throughput_tok_s"] / unchunked["output_throughput_tok_s"])
+    table = rep.compare_table(chunked, unchunked)
+    assert "P99 ITL (ms)" in table and "ratio" in table
+
+
+def test_plot(engines, tmp_path):
+    pytest.importorskip("matplotlib")
+    from jaxserve.bench.plot import plot_runs
+
+    out = bench(engines, workload="offline", num_prompts=2, input_len=10, output_len=3,
+                compare_chunking=True)
+    path = plot_runs(json.loads(json.dumps(rep.jsonable(out)))["runs"], str(tmp_path / "p.png"))
+    assert os.path.getsize(path) > 1000
+
+
+# -- pieces without an engine ---------------------------------------------------------------
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
+    from jaxserve.bench import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"jaxserve\[bench\]"):
+        plot.require_matplotlib()
+
+
+def test_parse_trace():
+    lines = [
+        json.dumps({"arrival_s": 1.5, "prompt_token_ids": [1], "max_tokens": 2, "id": 7}),
+        json.dumps({"arrival_s": 0.5, "prompt_token_ids": [2, 3], "max_tokens": 1,
+                    "ignore_eos": False, "top_k": 5}),
+        "   ",
+        json.dumps([1, 2]),
+        json.dumps({"arrival_s": -1, "prompt_token_ids": [1], "max_tokens": 2}),
+        json.dumps({"arrival_s": 0, "prompt_token_ids": [], "max_tokens": 2}),
+        json.dumps({"arrival_s": 0, "prompt_token_ids": [1]}),
+        json.dumps({"arrival_s": 0, "prompt_token_ids": [1], "max_tokens": 0}),
+        json.dumps({"arrival_s": 0, "prompt_token_ids": [1], "max_tokens": 1, "id": "7"}),
+        json.dumps({"arrival_s": 0, "prompt_token_ids": [1], "max_tokens": 1, "colour": 1}),
+    ]
+    good, errors = workloads.parse_trace(lines, vocab_size=10, sampling={"temperature": 0.5})
+    assert [r.id for r in good] == ["line-2", "7"]  # by arrival
+    assert good[0].params.ignore_eos is False and good[0].params.top_k == 5
+    assert good[1].params.ignore_eos is True and good[1].params.temperature == 0.5
+    assert sorted(errors) == [4, 5, 6, 7, 8, 9, 10]
+    assert "JSON object" in errors[4] and "arrival_s" in errors[5]
+    assert "prompt_token_ids" in errors[6] and 'missing "max_tokens"' in errors[7]
+    assert "max_tokens" in errors[8] and "duplicate" in errors[9] and "colour" in errors[10]
+
+
+def test_random_workloads_are_seeded_and_in_range():
+    a = workloads.offline(50, 100, 20, 0.5, vocab_size=300, seed=3)
+    b = workloads.offline(50, 100, 20, 0.5, vocab_size=300, seed=3)
+    assert [r.prompt_token_ids for r in a] == [r.prompt_token_ids for r in b]
+    assert all(50 <= r.prompt_len <= 150 and 10 <= r.params.max_tokens <= 30 for r in a)
+    assert all(0 <= t < 300 for r in a for t in r.prompt_token_ids)
+    assert all(r.params.ignore_eos for r in a)
+    assert len({r.params.seed for r in a}) == 50
+    online = workloads.online(4000, 8, 8, 0.0, vocab_size=10, seed=0, request_rate=20.0)
+    gaps = np.diff([r.arrival_s for r in online])
+    assert np.mean(gaps) == pytest.approx(1 / 20, rel=0.05)  # Poisson at 20 req/s
+    assert workloads.spread_arrivals(3, 1.0, 4.0) == [2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="range_ratio"):
+        workloads.offline(2, 10, 10, 1.0, vocab_size=10, seed=0)
+
+
+def test_unchunked_engine_is_sized_to_the_workload():
+    cfg = mode_config("unchunked", {**ENGINE, "max_model_len": 0}, need=21, model_cfg=TINY)
+    assert (cfg.chunk_size, cfg.num_chunk_slots, cfg.max_model_len) == (0, 1, 24)
+    with pytest.raises(ValueError, match="compare_chunking"):
+        run_benchmark(BenchOptions(compare_chunking=True), TINY, None, {**ENGINE, "chunk_size": 0})
+
+
+def test_roofline_arithmetic():
+    costs = roofline.model_costs(TINY, "float32")
+    h, v = TINY.hidden_size, TINY.vocab_size
+    assert costs["head_flops_per_sample"] == 2 * v * h
+    assert costs["params"] == costs["body_flops_per_token"] // 2 + 2 * v * h  # untied
+    kv = 2 * TINY.num_layers * TINY.num_kv_heads * TINY.head_dim * 4
+    assert costs["kv_bytes_per_context_token"] == kv
+    steps = [StepTiming("mixed", 0.0, 1.0, scheduled_tokens=10, slot_tokens=16, sampled=1,
+                        decode_tokens=0, decode_context_tokens=0),
+             StepTiming("decode", 1.0, 3.0, scheduled_tokens=2, slot_tokens=4, sampled=2,
+                        decode_tokens=2, decode_context_tokens=21)]
+    machine = {"matmul_gflops": 1.0, "mem_gbps": 1.0}
+    r = roofline.roofline(steps, [10], costs, machine)
+    attn = costs["attn_flops_per_context_token"]
+    flops = 10 * costs["body_flops_per_token"] + 2 * v * h + attn * 55  # positions 1..10
+    assert r["mfu_prefill"] == pytest.approx(flops / 1e9)
+    assert r["mbu_decode"] == pytest.approx((costs["weight_bytes_per_step"] + 21 * kv) / 2 / 1e9)
+    assert math.isnan(roofline.roofline([], [1], costs, machine)["mfu_prefill"])
+
+
+def test_bench_model_config(tmp_path):
+    from jaxserve.cli.make_bench_model import BENCH_HF_CONFIG, write_model
+    from jaxserve.config import ModelConfig
+    from jaxserve.weights import load_model
+
+    cfg = ModelConfig.from_hf_dict(BENCH_HF_CONFIG)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+            cfg.num_kv_heads, cfg.vocab_size, cfg.tie_word_embeddings,
+            cfg.max_position_embeddings) == (768, 2048, 12, 12, 4, 32000, False, 2048)
+    assert 120e6 < roofline.model_costs(cfg, "float32")["params"] < 130e6
+    write_model(str(tmp_path / "m"), HF_CONFIG, seed=1)
+    loaded_cfg, params = load_model(tmp_path / "m")
+    assert loaded_cfg.hidden_size == TINY.hidden_size
+
+
+def test_peer_unavailable_is_reported(engines, monkeypatch):
+    from jaxserve.bench import peer
+
+    monkeypatch.setattr(peer, "hf_available", lambda: (False, "no torch here"))
+    messages = []
+    out = bench(engines, log=messages.append, workload="offline", num_prompts=1, input_len=4,
+                output_len=2, peer="hf")
+    assert out["peer"] == {"name": "hf", "skipped": "no torch here"}
+    assert any("peer skipped: no torch here" in m for m in messages)
+
+
+# -- the binaries ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from jaxserve.cli.make_bench_model import write_model
+
+    path = tmp_path_factory.mktemp("tiny_bench_model")
+    write_model(str(path), HF_CONFIG)
+    return path
+
+
+def test_cli_offline_json(tiny_folder, tmp_path):
+    out = tmp_path / "out" / "bench.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli.bench", f"--model={tiny_folder}",
+         "--workload=offline", "--num_prompts=2", "--input_len=6", "--output_len=3",
+         "--chunk_size=8", "--max_decode_slots=2", "--page_size=8", "--matmul_n=128",
+         "--copy_mb=1", "--noprogress", f"--json_out={out}"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr
+    assert "Serving Benchmark Result: chunked" in p.stdout
+    assert "Output token throughput (tok/s)" in p.stdout and "MFU of mixed steps" in p.stdout
+    check_report(json.loads(out.read_text()), 2)
+
+
+def test_cli_reports_a_missing_model(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "jaxserve.cli.bench", f"--model={tmp_path}"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode != 0 and "no model at" in p.stderr
+
+
+@pytest.mark.slow
+def test_hf_peer(tiny_folder):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from jaxserve.bench.peer import run_hf
+
+    reqs = workloads.offline(3, 6, 4, 0.0, TINY.vocab_size, seed=0)
+    res = run_hf(str(tiny_folder), reqs, batch_size=2, progress=False)
+    assert res["output_tokens"] == 12 and res["output_throughput_tok_s"] > 0
