@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--max_decode_slots", type=int, default=16)
     ap.add_argument("--max_model_len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--weight_layout", default="auto")
+    ap.add_argument("--compare_layouts", action="store_true",
+                    help="also run weight_layout=hf, interleaved with the main runs")
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()
 
@@ -51,17 +54,23 @@ def main() -> None:
         cfg = bench_config()
         params = init_params(cfg, seed=0)
     t_load = time.perf_counter() - t0
-    llm = LLM.from_params(cfg, params, chunk_size=args.chunk_size,
-                          num_chunk_slots=args.num_chunk_slots,
-                          max_decode_slots=args.max_decode_slots, page_size=16,
-                          max_model_len=args.max_model_len)
+    opts = dict(chunk_size=args.chunk_size, num_chunk_slots=args.num_chunk_slots,
+                max_decode_slots=args.max_decode_slots, page_size=16,
+                max_model_len=args.max_model_len)
+    llm = LLM.from_params(cfg, params, weight_layout=args.weight_layout, **opts)
     t_startup = time.perf_counter() - t0
+    other = LLM.from_params(cfg, params, weight_layout="hf", **opts) if args.compare_layouts \
+        else None
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, size=args.input_len).tolist()
                for _ in range(args.num_prompts)]
     sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    runs = []
+    runs, other_runs = [], []
     for _ in range(args.repeats):
+        if other is not None:
+            t = time.perf_counter()
+            other.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+            other_runs.append(time.perf_counter() - t)
         eng = llm.engine
         first_step = len(eng.step_log)
         t = time.perf_counter()
@@ -94,11 +103,17 @@ def main() -> None:
     print(f"{'executables / compiles after':<34}{stats['executables_compiled']:>10d}"
           f" / {stats['compiles_after_warmup']}")
     print("all runs:", ", ".join(f"{r['wall_s']:.2f}" for r in runs))
+    if other_runs:
+        o = sorted(other_runs)[len(other_runs) // 2]
+        print(f"weight_layout=hf, same process, interleaved: median {o:.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in other_runs)}); ratio hf / "
+              f"{llm.engine.cfg.weight_layout}: {o / med['wall_s']:.2f}")
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "startup_s": t_startup, "load_s": t_load,
-                       "runs": runs, "median": med, "stats": stats}, f, indent=1)
+                       "runs": runs, "median": med, "stats": stats,
+                       "hf_layout_runs_s": other_runs}, f, indent=1)
 
 
 if __name__ == "__main__":
