@@ -214,6 +214,7 @@ class EngineConfig:
     max_logprobs: int = 20
     seed: int = 0
     weight_layout: str = "auto"
+    mesh_shape: str = ""  # e.g. "model=8" or "data=2,model=4"; "" = one device, no mesh
 
     def __post_init__(self):
         for name in ("num_chunk_slots", "max_decode_slots", "page_size"):

@@ -19,10 +19,12 @@ from jaxserve.batching import PENDING, SlotPlan, build_batch
 from jaxserve.compile_guard import CompileCounter
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_cache
-from jaxserve.models.functional import resolve_layout, to_jnp_dtype, to_layout
+from jaxserve.models.functional import (abstract_params, resolve_layout, to_jnp_dtype,
+                                        to_layout)
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.sharding import make_placement, shard_params, to_host
 from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
 from jaxserve.step import StepOutput, compile_steps
 
@@ -57,17 +59,30 @@ class Engine:
         if leaf_dtype != dtype:
             raise ValueError(f"params are {leaf_dtype} but the engine was asked for "
                              f"dtype={cfg.dtype!r}; load the model with the same dtype")
+        self.placement = None
+        if cfg.mesh_shape:
+            # The sharding table speaks Hugging Face's layout: a mesh keeps it.
+            if cfg.weight_layout not in ("auto", "hf"):
+                raise ValueError(f"weight_layout={cfg.weight_layout!r} cannot be combined with "
+                                 f"mesh_shape={cfg.mesh_shape!r}; use 'hf' (or 'auto')")
+            self.placement = make_placement(model_cfg, cfg.mesh_shape,
+                                            abstract_params(model_cfg, cfg.dtype))
         # Converted once to the serving layout; the caller's params are left as they are.
-        self.layout = resolve_layout(cfg.weight_layout)
+        self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout)
         self.params = to_layout(model_cfg, params, self.layout)
+        if self.placement:
+            self.params = shard_params(self.params, self.placement.params)
         self.num_top = max(1, min(cfg.max_logprobs, model_cfg.vocab_size))
         self.shape = AttentionShape(
             num_chunk_slots=cfg.num_chunk_slots, chunk_len=cfg.chunk_len,
             num_decode_slots=cfg.max_decode_slots, page_size=cfg.page_size,
             pages_per_seq=cfg.pages_per_seq)
-        self.cache = init_cache(model_cfg, cfg, dtype)
+        self.cache = init_cache(model_cfg, cfg, dtype,
+                                self.placement.cache if self.placement else None)
         self.num_global_slots = cfg.num_chunk_slots + cfg.max_decode_slots
         self._prev_tokens = jnp.zeros((self.num_global_slots,), jnp.int32)
+        if self.placement:
+            self._prev_tokens = jax.device_put(self._prev_tokens, self.placement.replicated)
         self.scheduler = Scheduler(cfg)
         self.eos_ids = frozenset(model_cfg.eos_token_ids) | frozenset(
             getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -81,7 +96,7 @@ class Engine:
         t0 = time.perf_counter()
         self.executables = compile_steps(
             model_cfg, self.layout, self.params, self.cache, self.shape, backend=self.backend,
-            interpret=cfg.pallas_interpret, num_top=self.num_top)
+            interpret=cfg.pallas_interpret, num_top=self.num_top, placement=self.placement)
         self.startup_compile_s = time.perf_counter() - t0
         self._stats = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "scheduled_tokens": 0,
                        "slot_tokens": 0, "preemptions": 0, "compiles_after_warmup": 0}
@@ -202,13 +217,13 @@ class Engine:
 
     def _collect(self, inflight: _InFlight) -> list[RequestOutput]:
         out, plan = inflight.out, inflight.plan
-        tokens = np.asarray(out.sample.tokens)  # the one transfer every step makes
+        tokens = to_host(out.sample.tokens)  # the one transfer every step makes
         t = time.perf_counter()
         self.step_log.append(dataclasses.replace(inflight.record, tokens_back_s=t))
         if plan.chunk_rows:
             self._record_prompt_logprobs(out, plan)
         if any(s.seq.payload.logprobs is not None for s in plan.sampled):
-            lp, top_ids, top_lp = (np.asarray(a) for a in (
+            lp, top_ids, top_lp = (to_host(a) for a in (
                 out.sample.logprobs, out.sample.top_ids, out.sample.top_logprobs))
         results = []
         for s in plan.sampled:
@@ -241,9 +256,9 @@ class Engine:
         return results
 
     def _record_prompt_logprobs(self, out: StepOutput, plan: SlotPlan) -> None:
-        lp = np.asarray(out.prompt_logprobs)
-        top_ids = np.asarray(out.prompt_top_ids)
-        top_lp = np.asarray(out.prompt_top_logprobs)
+        lp = to_host(out.prompt_logprobs)
+        top_ids = to_host(out.prompt_top_ids)
+        top_lp = to_host(out.prompt_top_logprobs)
         for seq, row0, start, length in plan.chunk_rows:
             req: Request = seq.payload
             k = req.params.prompt_logprobs

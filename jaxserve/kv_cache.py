@@ -35,9 +35,13 @@ def cache_shape(model: ModelConfig, engine: EngineConfig) -> tuple[int, ...]:
             model.head_dim)
 
 
-def init_cache(model: ModelConfig, engine: EngineConfig, dtype) -> KVCache:
+def init_cache(model: ModelConfig, engine: EngineConfig, dtype, sharding=None) -> KVCache:
+    """Zeros; with a sharding, each device makes only its own part (no full copy anywhere)."""
     shape = cache_shape(model, engine)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    make = lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))  # noqa: E731
+    if sharding is None:
+        return make()
+    return jax.jit(make, out_shardings=KVCache(k=sharding, v=sharding))()
 
 
 def cache_bytes(model: ModelConfig, engine: EngineConfig, dtype) -> int:

@@ -29,14 +29,29 @@ def engine_config(**options) -> EngineConfig:
 class LLM:
     """Offline generation and scoring. `LLM()` loads the built-in demo model."""
 
-    def __init__(self, model: str | None = None, *, strict_compiles: bool = False,
-                 **engine_options):
+    def __init__(self, model: str | None = None, *, checkpoint: str | None = None,
+                 strict_compiles: bool = False, **engine_options):
+        """`model`: a Hugging Face folder (None: the demo model). `checkpoint`: an orbax
+        checkpoint of converted params (`jaxserve.cli.convert`) to restore instead of reading
+        the safetensors, which is how a pod restarts fast; the config still comes from `model`.
+        """
+        from jaxserve.config import ModelConfig
+        from jaxserve.models.functional import abstract_params
+        from jaxserve.sharding import make_placement
         from jaxserve.tokenizer import Tokenizer
-        from jaxserve.weights import load_model
+        from jaxserve.weights import load_model, restore_checkpoint
 
         path = model or DEMO_MODEL_PATH
         cfg = engine_config(**engine_options)
-        model_cfg, params = load_model(path, dtype=cfg.dtype)
+        model_cfg = ModelConfig.from_pretrained(path)
+        shardings = None
+        if cfg.mesh_shape:  # read every tensor straight into its shards
+            shardings = make_placement(model_cfg, cfg.mesh_shape,
+                                       abstract_params(model_cfg, cfg.dtype)).params
+        if checkpoint:
+            params = restore_checkpoint(checkpoint, model_cfg, cfg.dtype, shardings)
+        else:
+            model_cfg, params = load_model(path, dtype=cfg.dtype, shardings=shardings)
         tokenizer = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             tokenizer = Tokenizer.from_pretrained(path)

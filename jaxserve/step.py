@@ -133,8 +133,9 @@ class StepExecutables:
 
 
 def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: KVCache,
-                  shape: AttentionShape, *, backend: str, interpret: bool, num_top: int
-                  ) -> StepExecutables:
+                  shape: AttentionShape, *, backend: str, interpret: bool, num_top: int,
+                  placement=None) -> StepExecutables:
+    """Compiles both steps ahead of time; with a `sharding.Placement`, for its mesh."""
     decode_shape = dataclasses.replace(shape, num_chunk_slots=0)
 
     num_global = shape.num_chunk_slots + shape.num_decode_slots
@@ -144,7 +145,13 @@ def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: K
         fn = functools.partial(step_fn, model_cfg=model_cfg, layout=layout, shape=s,
                                num_global_slots=num_global,
                                backend=backend, interpret=interpret, num_top=num_top)
-        return jax.jit(fn, donate_argnums=(1,)).lower(
+        shardings = {}
+        if placement is not None:
+            rep = placement.replicated
+            cache_sh = KVCache(k=placement.cache, v=placement.cache)
+            shardings = dict(in_shardings=(placement.params, cache_sh, rep, rep),
+                             out_shardings=(rep, cache_sh))
+        return jax.jit(fn, donate_argnums=(1,), **shardings).lower(
             params, cache, example_batch(s), prev).compile()
 
     return StepExecutables(mixed=build(shape), decode_only=build(decode_shape),

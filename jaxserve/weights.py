@@ -66,10 +66,14 @@ def _tensor_locations(files: list[str]) -> dict[str, str]:
     return where
 
 
-def load_model(path: str | os.PathLike, dtype="float32") -> tuple[ModelConfig, nnx.State]:
+def load_model(path: str | os.PathLike, dtype="float32", shardings: Any = None
+               ) -> tuple[ModelConfig, nnx.State]:
     """Reads a Hugging Face model folder (config.json + safetensors, single or sharded).
 
     Tensors stored as float32, bfloat16 or float16 are converted to `dtype` on the host.
+    `shardings` (a pytree of shardings with the params' structure, e.g. a
+    `sharding.Placement.params`): each tensor goes straight from the host to its shards, so no
+    device ever holds a whole copy of the model.
     """
     path = os.fspath(path)
     cfg = ModelConfig.from_pretrained(path)
@@ -103,8 +107,13 @@ def load_model(path: str | os.PathLike, dtype="float32") -> tuple[ModelConfig, n
                         f"{tuple(expected[name])} from config.json")
                 arrays[name] = _convert(name, f.get_tensor(name), target)
 
-    return cfg, nnx.map_state(lambda p, v: v.replace(jnp.asarray(arrays[tensor_name(p)])),
-                              abstract)
+    if shardings is None:
+        return cfg, nnx.map_state(
+            lambda p, v: v.replace(jnp.asarray(arrays.pop(tensor_name(p)))), abstract)
+    placed = {tensor_name(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
+    return cfg, nnx.map_state(
+        lambda p, v: v.replace(jax.device_put(arrays.pop(tensor_name(p)),
+                                              placed[tensor_name(p)])), abstract)
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:

@@ -18,6 +18,12 @@ _S = SamplingParams
 
 def define_engine_flags() -> None:
     flags.DEFINE_string("model", None, "Hugging Face model folder (default: the demo model).")
+    flags.DEFINE_string("checkpoint", None,
+                        "Orbax checkpoint of converted params to restore (jaxserve.cli.convert).")
+    flags.DEFINE_string("mesh_shape", _E.mesh_shape,
+                        "Device mesh, e.g. model=8 or data=2,model=4 ('' = one device).")
+    flags.DEFINE_boolean("distributed", False,
+                         "Call jax.distributed.initialize() first (multi-host TPU pods).")
     flags.DEFINE_integer("chunk_size", _E.chunk_size, "Prompt tokens per chunk slot; 0 = off.")
     flags.DEFINE_integer("num_chunk_slots", _E.num_chunk_slots, "Chunk slots per step.")
     flags.DEFINE_integer("max_decode_slots", _E.max_decode_slots,

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 
+import jax
 from absl import app, flags
 from tqdm.auto import tqdm
 
@@ -53,7 +54,9 @@ def _record(line: PromptLine, out) -> dict:
 
 def main(argv) -> None:
     del argv
-    llm = LLM(FLAGS.model, **jflags.engine_options(FLAGS))
+    if FLAGS.distributed:
+        jax.distributed.initialize()  # Cloud TPU pods: every worker runs this same command
+    llm = LLM(FLAGS.model, checkpoint=FLAGS.checkpoint, **jflags.engine_options(FLAGS))
     engine = llm.engine
     lines, errors = parse_prompt_lines(_read_lines(), jflags.sampling_defaults(FLAGS),
                                        llm.tokenizer)
@@ -79,6 +82,8 @@ def main(argv) -> None:
     records = [_record(accepted[rid], out) for rid, out in done.items()]
     records += [{"line": n, "error": msg} for n, msg in errors.items()]
     records.sort(key=lambda r: r["line"])
+    if jax.process_index() != 0:
+        return  # every host ran the same steps; one writes the results
     if FLAGS.output:
         with open(FLAGS.output, "w", encoding="utf-8") as f:
             for rec in records:
