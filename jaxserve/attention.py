@@ -128,8 +128,31 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "xla")
 
 
+_PALLAS_PLATFORMS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}
+
+
 def attention_fn(backend: str, shape: AttentionShape, *, interpret: bool = False) -> AttentionFn:
+    """The step's attention for `backend`; `interpret` runs a Pallas kernel on the CPU."""
     if backend == "xla":
         return functools.partial(reference_attention, shape=shape)
-    raise NotImplementedError(
-        f"attention backend {backend!r} is not available yet; use attention='xla'")
+    if backend not in _PALLAS_PLATFORMS:
+        raise ValueError(f"attention={backend!r} must be one of {BACKENDS}")
+    platform = jax.default_backend()
+    if not interpret and platform not in _PALLAS_PLATFORMS[backend]:
+        raise ValueError(
+            f"attention={backend!r} needs a {_PALLAS_PLATFORMS[backend][0].upper()} but the "
+            f"default backend is {platform!r}; set pallas_interpret=True to run the kernel in "
+            f"interpret mode, or use attention='xla'")
+    # Imported here so that the XLA path never loads Pallas.
+    from pallas_kernels.ragged import step_attention
+
+    c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
+    if backend == "pallas_tpu":
+        from pallas_kernels import tpu_ragged_paged_attention as tpu
+        kernel = functools.partial(tpu.ragged_paged_attention, interpret=interpret,
+                                   decode_only=c == 0)
+    else:
+        from pallas_kernels import gpu_ragged_paged_attention as gpu
+        kernel = functools.partial(gpu.ragged_paged_attention, max_decodes=d, max_chunks=c,
+                                   max_chunk_len=p, interpret=interpret)
+    return step_attention(kernel, c, p, d)

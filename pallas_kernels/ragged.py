@@ -1,0 +1,169 @@
+"""The ragged view both kernels read, its jnp reference, and static input validation.
+
+The engine's step lays queries out as `C` chunk slots of `P` rows (padding after each chunk's
+`chunk_lens[c]` rows) followed by `D` decode rows. The kernels instead read one *ragged* batch,
+the same metadata for TPU and GPU:
+
+    q            [Tq, H, Dh]         live query rows packed back to back, decodes first
+    cu_q_lens    i32[S + 1]          sequence s owns packed rows [cu_q_lens[s], cu_q_lens[s+1])
+    kv_lens      i32[S]              context length of sequence s after this step
+    page_indices i32[S, pages_per_seq]
+    num_seqs     i32[1]              live sequences; they are the first num_seqs entries
+    num_decodes  i32[1]              the first num_decodes sequences are decodes (q_len == 1)
+
+Query row i of sequence s sits at absolute position kv_lens[s] - q_len(s) + i: a chunk's
+tokens are always the newest of its context (the step writes them before attention runs), so
+causal masking needs no positions array.
+
+`to_ragged` / `from_ragged` convert between the two layouts with static shapes: a gather of the
+query rows in, a gather of the output rows out (both [T, H, Dh], tiny next to the K/V reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MASK_VALUE = -1e30  # finite, so exp(MASK - MASK) never makes a NaN in a fully masked row
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedMetadata:
+    cu_q_lens: jax.Array  # i32[S + 1]
+    kv_lens: jax.Array  # i32[S]; 0 past num_seqs
+    page_indices: jax.Array  # i32[S, pages_per_seq]
+    num_seqs: jax.Array  # i32[1]
+    num_decodes: jax.Array  # i32[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepToRagged:
+    """Row maps between the step layout [T] and the packed ragged layout [T]."""
+
+    src_rows: jax.Array  # i32[T]; step row that packed row r comes from (0 for padding)
+    dst_rows: jax.Array  # i32[T]; packed row that step row t goes to (T - 1 for padding)
+
+
+def to_ragged(num_chunk_slots: int, chunk_len: int, num_decode_slots: int, chunk_lens,
+              kv_lens, page_table) -> tuple[RaggedMetadata, StepToRagged]:
+    """The step's slot layout as a ragged batch: live decodes first, then live chunks."""
+    c, p, d = num_chunk_slots, chunk_len, num_decode_slots
+    s_total, t_total = c + d, c * p + d
+    i32 = jnp.int32
+    dec_live = kv_lens[c:] > 0
+    # Slots in "decodes first" order: index k < D is decode slot k, else chunk slot k - D.
+    q_len_slot = jnp.concatenate([dec_live.astype(i32), chunk_lens.astype(i32)])
+    live = q_len_slot > 0
+    kv_slot = jnp.where(live, jnp.concatenate([kv_lens[c:], kv_lens[:c]]), 0)
+    pt_slot = jnp.concatenate([page_table[c:], page_table[:c]], axis=0)
+    order = jnp.argsort(jnp.logical_not(live), stable=True).astype(i32)  # live first, in order
+    q_lens = q_len_slot[order]
+    cu = jnp.concatenate([jnp.zeros((1,), i32), jnp.cumsum(q_lens, dtype=i32)])
+    meta = RaggedMetadata(
+        cu_q_lens=cu, kv_lens=kv_slot[order], page_indices=pt_slot[order],
+        num_seqs=jnp.sum(live, dtype=i32)[None], num_decodes=jnp.sum(dec_live, dtype=i32)[None])
+
+    # Packed row r -> (sequence, offset) -> step row.
+    r = jnp.arange(t_total, dtype=i32)
+    seq = jnp.clip(jnp.searchsorted(cu, r, side="right").astype(i32) - 1, 0, s_total - 1)
+    slot = order[seq]
+    offset = r - cu[seq]
+    step_row = jnp.where(slot < d, c * p + slot, (slot - d) * p + offset)
+    src_rows = jnp.where(r < cu[-1], step_row, 0)
+
+    # Step row t -> packed row (inverse of the above on live rows).
+    rank = jnp.zeros((s_total,), i32).at[order].set(jnp.arange(s_total, dtype=i32))
+    dst_parts = []
+    if c:
+        chunk_off = jnp.arange(p, dtype=i32)[None, :]
+        chunk_rank = rank[d:][:, None]
+        dst_c = jnp.where(chunk_off < chunk_lens[:, None], cu[chunk_rank] + chunk_off, t_total - 1)
+        dst_parts.append(dst_c.reshape(c * p))
+    dst_parts.append(jnp.where(dec_live, cu[rank[:d]], t_total - 1))
+    dst_rows = jnp.concatenate(dst_parts) if len(dst_parts) > 1 else dst_parts[0]
+    return meta, StepToRagged(src_rows=src_rows, dst_rows=dst_rows)
+
+
+def validate_inputs(q, k_pages, v_pages, meta: RaggedMetadata) -> None:
+    """Static (trace-time) checks; a ValueError names the offending value."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [tokens, num_q_heads, head_dim], got {q.shape=}")
+    if k_pages.ndim != 4:
+        raise ValueError(
+            f"k_pages must be [num_pages, page_size, num_kv_heads, head_dim], got {k_pages.shape=}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"{k_pages.shape=} must equal {v_pages.shape=}")
+    _, num_q_heads, head_dim = q.shape
+    _, _, num_kv_heads, head_dim_kv = k_pages.shape
+    if head_dim != head_dim_kv:
+        raise ValueError(f"q {head_dim=} must equal the cache's head_dim={head_dim_kv}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads=} must be divisible by {num_kv_heads=}")
+    if not (q.dtype == k_pages.dtype == v_pages.dtype):
+        raise ValueError(
+            f"{q.dtype=} must equal the cache dtypes {k_pages.dtype=} {v_pages.dtype=}")
+    num_seqs_max = meta.page_indices.shape[0]
+    if meta.page_indices.ndim != 2:
+        raise ValueError(f"page_indices must be [seqs, pages_per_seq], got "
+                         f"{meta.page_indices.shape=}")
+    if meta.kv_lens.shape != (num_seqs_max,):
+        raise ValueError(f"{meta.kv_lens.shape=} must be ({num_seqs_max},)")
+    if meta.cu_q_lens.shape != (num_seqs_max + 1,):
+        raise ValueError(f"{meta.cu_q_lens.shape=} must be ({num_seqs_max + 1},)")
+    for name in ("cu_q_lens", "kv_lens", "page_indices", "num_seqs", "num_decodes"):
+        dtype = getattr(meta, name).dtype
+        if dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {dtype=}")
+
+
+def ragged_reference(q, k_pages, v_pages, meta: RaggedMetadata, *, sm_scale: float):
+    """Dense jnp ragged paged attention (every row gathers its sequence's whole page list):
+    the kernels' own oracle on the ragged view. q [Tq, H, Dh] -> [Tq, H, Dh]; rows past
+    cu_q_lens[num_seqs] come out as zeros."""
+    tq, h, dh = q.shape
+    _, page_size, kvh, _ = k_pages.shape
+    s_max, pages_per_seq = meta.page_indices.shape
+    r = jnp.arange(tq, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(meta.cu_q_lens, r, side="right") - 1, 0, s_max - 1)
+    live = r < meta.cu_q_lens[meta.num_seqs[0]]
+    q_len = meta.cu_q_lens[seq + 1] - meta.cu_q_lens[seq]
+    kv_len = meta.kv_lens[seq]
+    pos = kv_len - q_len + (r - meta.cu_q_lens[seq])  # [Tq]
+    k = k_pages[meta.page_indices[seq]].reshape(tq, pages_per_seq * page_size, kvh, dh)
+    v = v_pages[meta.page_indices[seq]].reshape(tq, pages_per_seq * page_size, kvh, dh)
+    ctx = jnp.arange(pages_per_seq * page_size, dtype=jnp.int32)
+    mask = live[:, None] & (ctx[None, :] <= pos[:, None]) & (ctx[None, :] < kv_len[:, None])
+    v = jnp.where(mask[:, :, None, None], v, 0)
+    qg = q.reshape(tq, kvh, h // kvh, dh)
+    s = jnp.einsum("tkgd,tjkd->tkgj", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+    w = jax.nn.softmax(s, axis=-1)
+    w = jnp.where(mask[:, None, None, :], w, 0).astype(v.dtype)
+    o = jnp.einsum("tkgj,tjkd->tkgd", w, v, preferred_element_type=jnp.float32)
+    return o.reshape(tq, h, dh).astype(q.dtype)
+
+
+def default_scale(head_dim: int) -> float:
+    return float(1.0 / np.sqrt(head_dim))
+
+
+def step_attention(ragged_fn, num_chunk_slots: int, chunk_len: int, num_decode_slots: int):
+    """Adapts `ragged_fn(q, k_pages, v_pages, meta) -> o` (packed ragged rows) to the engine's
+    step layout: attend(q [T, H, Dh], k_pages, v_pages, *, positions, chunk_lens, kv_lens,
+    page_table) -> [T, H, Dh]. `positions` is not needed (see the module docstring)."""
+    c, p, d = num_chunk_slots, chunk_len, num_decode_slots
+
+    def attend(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table):
+        del positions
+        if q.shape[0] != c * p + d:
+            raise ValueError(f"{q.shape=} must have C*P + D = {c * p + d} rows")
+        meta, rows = to_ragged(c, p, d, chunk_lens, kv_lens, page_table)
+        o = ragged_fn(q[rows.src_rows], k_pages, v_pages, meta)
+        return o[rows.dst_rows]
+
+    return attend

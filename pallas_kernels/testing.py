@@ -1,0 +1,76 @@
+"""Random step batches in the engine's layout, for the kernel tests and the benchmark.
+
+Every page no sequence owns, and every slot of a sequence's last page past its kv_len, is NaN
+(so are padding query rows): a kernel that reads past the end or lets padding leak shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class StepCase:
+    q: np.ndarray  # [T, H, Dh]
+    k_pages: np.ndarray  # [N, page_size, KVH, Dh]
+    v_pages: np.ndarray
+    positions: np.ndarray  # i32[T]
+    chunk_lens: np.ndarray  # i32[C]
+    kv_lens: np.ndarray  # i32[C + D]
+    page_table: np.ndarray  # i32[C + D, pages_per_seq]
+    live_rows: np.ndarray  # bool[T]
+
+    def kwargs(self):
+        return dict(positions=self.positions, chunk_lens=self.chunk_lens, kv_lens=self.kv_lens,
+                    page_table=self.page_table)
+
+
+def make_step_case(rng: np.random.Generator, *, chunks: list[tuple[int, int]], chunk_len: int,
+                   decodes: list[int], page_size: int, pages_per_seq: int, num_heads: int,
+                   num_kv_heads: int, head_dim: int, dtype=np.float32,
+                   num_pages: int | None = None) -> StepCase:
+    """chunks: (chunk tokens, kv_len after the step) per chunk slot, (0, 0) = empty slot;
+    decodes: kv_len per decode slot, 0 = empty slot."""
+    c, p, d = len(chunks), chunk_len, len(decodes)
+    t, s = c * p + d, c + d
+    slot_lens = [kv for _, kv in chunks] + list(decodes)
+    need = sum(-(-kv // page_size) for kv in slot_lens)
+    num_pages = num_pages or need + 3
+    assert num_pages >= need + 1, (num_pages, need)
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    k_pages = np.full(shape, np.nan, np.float32)
+    v_pages = np.full(shape, np.nan, np.float32)
+    free = list(rng.permutation(np.arange(1, num_pages)))  # page 0 is the trash page
+    page_table = np.zeros((s, pages_per_seq), np.int32)
+    for slot, kv in enumerate(slot_lens):
+        n = -(-kv // page_size)
+        assert n <= pages_per_seq, (kv, pages_per_seq, page_size)
+        for i in range(n):
+            page = free.pop()
+            page_table[slot, i] = page
+            valid = min(page_size, kv - i * page_size)
+            k_pages[page, :valid] = rng.standard_normal((valid, num_kv_heads, head_dim))
+            v_pages[page, :valid] = rng.standard_normal((valid, num_kv_heads, head_dim))
+    q = np.full((t, num_heads, head_dim), np.nan, np.float32)
+    positions = np.zeros(t, np.int32)
+    live = np.zeros(t, bool)
+    chunk_lens = np.zeros(c, np.int32)
+    for i, (n, kv) in enumerate(chunks):
+        assert n <= p and n <= kv and (n > 0) == (kv > 0), (n, kv)
+        chunk_lens[i] = n
+        rows = slice(i * p, i * p + n)
+        q[rows] = rng.standard_normal((n, num_heads, head_dim))
+        positions[rows] = np.arange(kv - n, kv)
+        live[rows] = True
+    for i, kv in enumerate(decodes):
+        row = c * p + i
+        if kv:
+            q[row] = rng.standard_normal((num_heads, head_dim))
+            positions[row] = kv - 1
+            live[row] = True
+    kv_lens = np.asarray(slot_lens, np.int32)
+    return StepCase(q=q.astype(dtype), k_pages=k_pages.astype(dtype),
+                    v_pages=v_pages.astype(dtype), positions=positions, chunk_lens=chunk_lens,
+                    kv_lens=kv_lens, page_table=page_table, live_rows=live)

@@ -1,0 +1,168 @@
+"""The Pallas kernels in interpret mode against the engine's XLA reference attention.
+
+Every case mixes: an empty chunk slot, a chunk that is a whole prompt, a one-token chunk just
+past a page boundary, a chunk ending exactly on a page boundary, decodes of 1 token, of exactly
+one page, of a full page table, and empty decode slots. Pages nobody owns, the tail of each
+sequence's last page and padding query rows are NaN, so a read past the end shows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.attention import AttentionShape, attention_fn, reference_attention
+from pallas_kernels import gpu_ragged_paged_attention as gpu
+from pallas_kernels import tpu_ragged_paged_attention as tpu
+from pallas_kernels.ragged import RaggedMetadata, ragged_reference, step_attention, to_ragged
+from pallas_kernels.testing import make_step_case
+from jax.experimental.pallas import tpu as pltpu
+
+CHUNK_LEN = 8
+PAGES_PER_SEQ = 5
+TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def _case(seed, *, page_size, ratio, dtype, decode_only=False, head_dim=8, num_kv_heads=2):
+    ps = page_size
+    chunks = [] if decode_only else [(8, 8), (0, 0), (1, 2 * ps + 1), (5, 3 * ps)]
+    decodes = [1, 0, ps, 2 * ps + 1, PAGES_PER_SEQ * ps, 0]
+    return make_step_case(
+        np.random.default_rng(seed), chunks=chunks, chunk_len=CHUNK_LEN, decodes=decodes,
+        page_size=ps, pages_per_seq=PAGES_PER_SEQ, num_heads=ratio * num_kv_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=jnp.dtype(dtype))
+
+
+def _shape(case, page_size):
+    c = len(case.chunk_lens)
+    return AttentionShape(c, CHUNK_LEN, len(case.kv_lens) - c, page_size, PAGES_PER_SEQ)
+
+
+# CPU compiles dominate these tests; the kernels' numerics do not depend on XLA's CPU
+# optimisation level.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _call(fn, case):
+    compiled = jax.jit(fn).lower(case.q, case.k_pages, case.v_pages, **case.kwargs()).compile(
+        _FAST_COMPILE)
+    return compiled(case.q, case.k_pages, case.v_pages, **case.kwargs())
+
+
+@functools.lru_cache(maxsize=None)
+def _case_and_reference(ratio, page_size, dtype, decode_only=False):
+    """A case and reference_attention's output on it (shared by both kernels' tests)."""
+    case = _case(ratio * 10 + page_size, page_size=page_size, ratio=ratio, dtype=dtype,
+                 decode_only=decode_only)
+    shape = _shape(case, page_size)
+    ref = _call(functools.partial(reference_attention, shape=shape), case)
+    return case, shape, np.asarray(ref, np.float32)
+
+
+def _check(out, key):
+    case, _, ref = _case_and_reference(*key)
+    live = case.live_rows
+    got = np.asarray(out, np.float32)[live]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref[live], atol=TOL[key[2]], rtol=TOL[key[2]])
+
+
+def _run(kernel, key):
+    case, shape, _ = _case_and_reference(*key)
+    fn = step_attention(kernel, shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots)
+    return _call(fn, case)
+
+
+# (GQA ratio, page size, dtype); several KV blocks per sequence and query blocks that span
+# several sequences, so the double buffering and the per-row masking are exercised.
+CASES = [(1, 4, "float32"), (2, 8, "float32"), (4, 16, "float32"), (2, 4, "bfloat16")]
+
+
+@pytest.mark.parametrize("key", CASES, ids=str)
+def test_tpu_kernel_matches_reference(key):
+    interpret = True
+    if key == CASES[0]:
+        # DMAs executed when started, not when waited on, and the race detector on: a buffer
+        # overwritten while in use, or a wait on the wrong semaphore, shows.
+        interpret = pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
+    kernel = functools.partial(tpu.ragged_paged_attention, interpret=interpret, block_q=8,
+                               pages_per_block=2)
+    _check(_run(kernel, key), key)
+    if interpret is not True:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # no public accessor
+        assert interpret_pallas_call.races is not None
+        assert not interpret_pallas_call.races.races_found
+
+
+@pytest.mark.parametrize("key", CASES, ids=str)
+def test_gpu_kernel_matches_reference(key):
+    _, page_size, _ = key
+    _, shape, _ = _case_and_reference(*key)
+    # Small blocks: two KV blocks per split, several splits, several query tiles per chunk.
+    blocks = gpu.GpuBlockSizes(decode_kv_tokens=page_size, decode_split_tokens=2 * page_size,
+                               chunk_block_q=4, chunk_kv_tokens=2 * page_size)
+    kernel = functools.partial(gpu.ragged_paged_attention, max_decodes=shape.num_decode_slots,
+                               max_chunks=shape.num_chunk_slots, max_chunk_len=CHUNK_LEN,
+                               blocks=blocks, interpret=True)
+    _check(_run(kernel, key), key)
+
+
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+def test_decode_only_step_through_attention_fn_with_default_blocks(backend):
+    """The engine's decode-only executable (C = 0), block sizes from the tuning tables."""
+    key = (4, 4, "float32", True)
+    case, shape, _ = _case_and_reference(*key)
+    _check(_call(attention_fn(backend, shape, interpret=True), case), key)
+
+
+def test_ragged_view_round_trip_and_kernel_reference():
+    """to_ragged packs live rows decodes-first; ragged_reference agrees with the engine's."""
+    key = CASES[1]
+    case, shape, _ = _case_and_reference(*key)
+    c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
+    meta, rows = to_ragged(c, p, d, case.chunk_lens, case.kv_lens, case.page_table)
+    n_live = int(case.live_rows.sum())
+    num_dec = int((case.kv_lens[c:] > 0).sum())
+    assert int(meta.cu_q_lens[-1]) == n_live and int(meta.num_decodes[0]) == num_dec
+    assert int(meta.num_seqs[0]) == num_dec + int((case.chunk_lens > 0).sum())
+    q_lens = np.diff(np.asarray(meta.cu_q_lens))
+    assert (q_lens[:num_dec] == 1).all() and (q_lens[num_dec:int(meta.num_seqs[0])] > 0).all()
+    src = np.asarray(rows.src_rows)[:n_live]
+    dst = np.asarray(rows.dst_rows)
+    assert sorted(src) == sorted(np.flatnonzero(case.live_rows))
+    np.testing.assert_array_equal(dst[src], np.arange(n_live))
+
+    def fn(q, k_pages, v_pages, **kw):
+        meta, rows = to_ragged(c, p, d, kw["chunk_lens"], kw["kv_lens"], kw["page_table"])
+        o = ragged_reference(q[rows.src_rows], k_pages, v_pages, meta,
+                             sm_scale=1 / np.sqrt(q.shape[-1]))
+        return o[rows.dst_rows]
+
+    _check(_call(fn, case), key)
+
+
+def test_validation_names_the_bad_value():
+    q = jnp.zeros((4, 6, 8))
+    pages = jnp.zeros((3, 4, 4, 8))
+    meta = RaggedMetadata(cu_q_lens=jnp.zeros(3, jnp.int32), kv_lens=jnp.zeros(2, jnp.int32),
+                          page_indices=jnp.zeros((2, 2), jnp.int32),
+                          num_seqs=jnp.zeros(1, jnp.int32), num_decodes=jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="num_q_heads=6 must be divisible by num_kv_heads=4"):
+        tpu.ragged_paged_attention(q, pages, pages, meta, interpret=True)
+    with pytest.raises(ValueError, match="num_q_heads=6 must be divisible by num_kv_heads=4"):
+        gpu.ragged_paged_attention(q, pages, pages, meta, max_decodes=1, max_chunks=1,
+                                   max_chunk_len=2, interpret=True)
+    with pytest.raises(ValueError, match="kv_lens must be int32"):
+        tpu.ragged_paged_attention(jnp.zeros((4, 8, 8)), pages, pages, RaggedMetadata(
+            meta.cu_q_lens, meta.kv_lens.astype(jnp.int16), meta.page_indices, meta.num_seqs,
+            meta.num_decodes), interpret=True)
+    # Off the CPU interpreter, Triton's block rules are checked before lowering.
+    with pytest.raises(ValueError, match="head_dim >= 16"):
+        gpu.ragged_paged_attention(jnp.zeros((4, 8, 8)), pages, pages, meta, max_decodes=1,
+                                   max_chunks=1, max_chunk_len=2, interpret=False)
+    with pytest.raises(ValueError, match="pallas_interpret=True"):
+        attention_fn("pallas_tpu", AttentionShape(1, 8, 2, 4, 4), interpret=False)
