@@ -108,8 +108,10 @@ def _prompt_attention_per_token(costs: dict, prompt_lens: list[int]) -> float:
     return costs["attn_flops_per_context_token"] * total / max(1, sum(prompt_lens))
 
 
-def roofline(steps, prompt_lens: list[int], costs: dict, machine: dict) -> dict:
-    """MFU of mixed steps and MBU of decode-only steps over a run's `StepTiming`s."""
+def roofline(steps, prompt_lens: list[int], costs: dict, machine: dict, devices: int = 1
+             ) -> dict:
+    """MFU of mixed steps and MBU of decode-only steps over a run's `StepTiming`s, against
+    `devices` times the one-device peaks of `machine` (an engine sharded over a mesh)."""
     attn_prompt = _prompt_attention_per_token(costs, prompt_lens)
     mixed = [s for s in steps if s.kind == "mixed"]
     decode = [s for s in steps if s.kind == "decode"]
@@ -135,8 +137,9 @@ def roofline(steps, prompt_lens: list[int], costs: dict, machine: dict) -> dict:
         "mixed_steps": len(mixed), "decode_steps": len(decode),
         "mixed_step_ms_median": _median_ms(mixed), "decode_step_ms_median": _median_ms(decode),
         "mixed_gflops": achieved_gflops, "decode_gbps": achieved_gbps,
-        "mfu_prefill": achieved_gflops / machine["matmul_gflops"],
-        "mbu_decode": achieved_gbps / machine["mem_gbps"],
+        "devices": devices,
+        "mfu_prefill": achieved_gflops / (devices * machine["matmul_gflops"]),
+        "mbu_decode": achieved_gbps / (devices * machine["mem_gbps"]),
     }
 
 

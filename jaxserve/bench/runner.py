@@ -2,7 +2,8 @@
 
 A request is added once `time.perf_counter()` passes its arrival, with that arrival as its
 `arrival_time` (so a request that comes while a step runs is charged the wait, as a server's
-would be), and the engine is stepped while anything is in flight or waiting.
+would be), and the engine is stepped while anything is in flight or waiting. An anchored request
+(`after_first_tokens_of`) arrives `arrival_s` after its anchors all have their first token.
 
 Step timing. `Engine.step()` dispatches step k and then reads back step k-1, so the device runs
 the steps back to back while the host plans the next one. The call that launched step k returns
@@ -61,29 +62,50 @@ _COUNTS = ("steps", "mixed_steps", "decode_steps", "scheduled_tokens", "slot_tok
 def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: bool = True,
         clock=time.perf_counter, sleep=time.sleep) -> RunResult:
     """Replays `requests` against `engine` on the real clock; returns every output and step."""
-    pending = sorted(requests, key=lambda r: r.arrival_s)
-    ids = [r.id for r in pending]
+    ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError("request ids must be unique within a run")
+    unanchored = {r.id for r in requests if not r.after_first_tokens_of}
+    for r in requests:
+        bad = [a for a in r.after_first_tokens_of if a not in unanchored]
+        if bad:
+            raise ValueError(f"request {r.id!r} is anchored on {bad[0]!r}, which is not an "
+                             "unanchored request of this run")
     before = engine.stats
     outputs: dict[str, RequestOutput] = {}
+    first_token: dict[str, float] = {}
     steps: list[StepTiming] = []
     launched: dict | None = None  # the step in flight: its kind, counts and start
-    nxt = 0
-    bar = tqdm(total=len(pending), desc=desc, unit="req", file=sys.stderr, disable=not progress,
+    waiting = sorted(requests, key=lambda r: r.arrival_s)
+    bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not progress,
                leave=True)
     t0 = clock()
     last_token = t0
+
+    def due(r: BenchRequest) -> float | None:
+        """Absolute arrival time; None while its anchor requests still lack a first token."""
+        if not r.after_first_tokens_of:
+            return t0 + r.arrival_s
+        if any(a not in first_token for a in r.after_first_tokens_of):
+            return None
+        return max(first_token[a] for a in r.after_first_tokens_of) + r.arrival_s
+
     with bar:
-        while nxt < len(pending) or engine.has_unfinished():
+        while waiting or engine.has_unfinished():
             now = clock()
-            while nxt < len(pending) and t0 + pending[nxt].arrival_s <= now:
-                r = pending[nxt]
-                engine.add_request(r.id, r.prompt_token_ids, r.params,
-                                   arrival_time=t0 + r.arrival_s)
-                nxt += 1
+            times = [(due(r), r) for r in waiting]
+            ready = sorted((t, i) for i, (t, _) in enumerate(times) if t is not None and t <= now)
+            for t, i in ready:
+                r = times[i][1]
+                engine.add_request(r.id, r.prompt_token_ids, r.params, arrival_time=t)
+            if ready:
+                added = {i for _, i in ready}
+                waiting = [r for i, (_, r) in enumerate(times) if i not in added]
             if not engine.has_unfinished():
-                sleep(max(0.0, t0 + pending[nxt].arrival_s - clock()))
+                if not waiting:
+                    break
+                known = [t for t, _ in times if t is not None]
+                sleep(max(0.0, min(known) - clock()))
                 continue
             st0 = engine.stats
             outs = engine.step()
@@ -99,6 +121,7 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
                     "scheduled_tokens": st1["scheduled_tokens"] - st0["scheduled_tokens"],
                     "slot_tokens": st1["slot_tokens"] - st0["slot_tokens"]}
             for out in outs:
+                first_token.setdefault(out.request_id, out.metrics.first_token_time)
                 last_token = max(last_token, out.metrics.token_times[-1])
                 if out.finished:
                     outputs[out.request_id] = out
@@ -110,7 +133,8 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
         stats["scheduled_tokens"] / stats["slot_tokens"] if stats["slot_tokens"] else 0.0)
     missing = [i for i in ids if i not in outputs]
     assert not missing, f"requests never finished: {missing[:5]}"
-    return RunResult(requests=pending, outputs=outputs, steps=steps, t0=t0,
+    ordered = sorted(requests, key=lambda r: outputs[r.id].metrics.arrival_time)
+    return RunResult(requests=ordered, outputs=outputs, steps=steps, t0=t0,
                      wall_s=last_token - t0, stats=stats)
 
 

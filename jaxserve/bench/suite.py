@@ -75,10 +75,9 @@ def make_workload(opts: BenchOptions, vocab_size: int, sampling: dict,
         if o.long_prompt_interval_s:
             arrivals = [(k + 1) * o.long_prompt_interval_s for k in range(o.num_long_prompts)]
         elif calibration:
-            # Streams prefill in a step or two, then decode for ~output_len decode steps.
-            start = 2 * calibration["prefill_s"]
+            # After their first tokens the streams decode for ~output_len decode steps.
             span = o.output_len * calibration["decode_step_s"]
-            arrivals = workloads.spread_arrivals(o.num_long_prompts, start, span)
+            arrivals = workloads.spread_arrivals(o.num_long_prompts, 0.0, span)
         else:
             arrivals = [0.0] * o.num_long_prompts
         return workloads.interference(
@@ -151,6 +150,11 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     if need > model_cfg.max_position_embeddings:
         raise ValueError(f"the workload needs {need} positions (prompt + output) but the model "
                          f"has max_position_embeddings={model_cfg.max_position_embeddings}")
+    slots = engine_options.get("max_decode_slots") or EngineConfig.max_decode_slots
+    if opts.workload == "interference" and opts.num_streams + opts.num_long_prompts > slots:
+        log(f"warning: {opts.num_streams} streams + {opts.num_long_prompts} long prompts exceed "
+            f"max_decode_slots={slots}: a long prompt then waits for a stream to finish instead "
+            "of interfering with it")
     runs = []
     for i, mode in enumerate(modes):
         cfg = mode_config(mode, engine_options, need, model_cfg)
@@ -163,11 +167,13 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
                                prompt_len=max(1, min(32, engine.cfg.max_model_len - 9)))
         if i == 0 and opts.workload == "interference":  # the same arrivals for every mode
             reqs = make_workload(opts, model_cfg.vocab_size, sampling, calib, log=log)
-            log("interference: long prompts arrive at "
-                + ", ".join(f"{r.arrival_s:.2f}" for r in reqs if r.id.startswith("long")) + " s")
+            log("interference: long prompts arrive "
+                + ", ".join(f"{r.arrival_s:.2f}" for r in reqs if r.after_first_tokens_of)
+                + " s after every stream has its first token")
         result = runner.run(engine, reqs, desc=f"{opts.workload} {mode}",
                             progress=opts.progress)
-        roof = roofline.roofline(result.steps, [r.prompt_len for r in reqs], costs, machine)
+        roof = roofline.roofline(result.steps, [r.prompt_len for r in reqs], costs, machine,
+                                 devices=_mesh_devices(engine.cfg))
         good = None
         if opts.slo_ttft_ms is not None or opts.slo_tpot_ms is not None:
             good = goodput(result.ordered_outputs(), result.wall_s, opts.slo_ttft_ms,
@@ -183,6 +189,14 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     if opts.peer == "hf":
         out["peer"] = _run_peer(opts, model_path, reqs, engine_options, dtype, log)
     return out
+
+
+def _mesh_devices(cfg: EngineConfig) -> int:
+    mesh_shape = getattr(cfg, "mesh_shape", "")
+    if not mesh_shape:
+        return 1
+    from jaxserve.sharding import parse_mesh_shape
+    return math.prod(parse_mesh_shape(mesh_shape).values())
 
 
 def _run_peer(opts, model_path, reqs, engine_options, dtype, log) -> dict:

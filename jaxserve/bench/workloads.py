@@ -21,9 +21,12 @@ WORKLOADS = ("offline", "online", "interference", "trace")
 @dataclasses.dataclass(frozen=True)
 class BenchRequest:
     id: str
-    arrival_s: float  # seconds after the run starts
+    arrival_s: float  # seconds after the run starts, or after the anchor below
     prompt_token_ids: list[int]
     params: SamplingParams
+    # If set, `arrival_s` counts from the moment every one of these requests has its first
+    # token (interference: "during the streams' decodes", whatever each mode's prefill costs).
+    after_first_tokens_of: tuple[str, ...] = ()
 
     @property
     def prompt_len(self) -> int:
@@ -81,18 +84,22 @@ def interference(num_streams: int, stream_prompt_len: int, stream_output_len: in
                  num_long: int, long_prompt_len: int, long_output_len: int,
                  long_arrivals_s: list[float], vocab_size: int, seed: int,
                  sampling: dict | None = None) -> list[BenchRequest]:
-    """The seed's scenario: `num_streams` short prompts decoding from t=0, while `num_long`
-    long prompts arrive at `long_arrivals_s`, in the middle of those decodes."""
+    """The seed's scenario: `num_streams` short prompts arrive at t=0, and `num_long` long
+    prompts arrive `long_arrivals_s` after every stream has its first token, i.e. while the
+    streams decode. Anchoring on the streams (not on the clock) keeps the scenario the same in
+    every mode, though the stalling mode takes longer to prefill the streams themselves."""
     if len(long_arrivals_s) != num_long:
         raise ValueError(f"{len(long_arrivals_s)} arrival times for {num_long} long prompts")
     rng = np.random.default_rng(seed)
     reqs = [_random_request(rng, f"stream-{i}", 0.0, stream_prompt_len, stream_output_len,
                             vocab_size, _seeded(sampling, seed, i))
             for i in range(num_streams)]
-    reqs += [_random_request(rng, f"long-{i}", long_arrivals_s[i], long_prompt_len,
-                             long_output_len, vocab_size, _seeded(sampling, seed, num_streams + i))
-             for i in range(num_long)]
-    return sorted(reqs, key=lambda r: r.arrival_s)
+    anchor = tuple(r.id for r in reqs)
+    reqs += [dataclasses.replace(
+        _random_request(rng, f"long-{i}", long_arrivals_s[i], long_prompt_len, long_output_len,
+                        vocab_size, _seeded(sampling, seed, num_streams + i)),
+        after_first_tokens_of=anchor) for i in range(num_long)]
+    return reqs
 
 
 def spread_arrivals(num: int, start_s: float, span_s: float) -> list[float]:

@@ -53,8 +53,9 @@ flags.DEFINE_integer("long_prompt_len", _B.long_prompt_len,
 flags.DEFINE_integer("long_output_len", _B.long_output_len,
                      "interference: output tokens of each long prompt.")
 flags.DEFINE_float("long_prompt_interval_s", _B.long_prompt_interval_s,
-                   "interference: seconds between long-prompt arrivals; 0 = spread them over "
-                   "the streams' decodes, timed by a warm-up on this machine.")
+                   "interference: long prompt k arrives (k+1)·this many seconds after every "
+                   "stream has its first token; 0 = spread them over the streams' decodes, "
+                   "timed by a warm-up on this machine.")
 flags.DEFINE_string("trace_file", None, "trace: JSONL file of requests to replay.")
 flags.DEFINE_boolean("compare_chunking", _B.compare_chunking,
                      "Run chunked (--chunk_size) and unchunked, side by side.")
@@ -109,10 +110,31 @@ def print_report(out: dict) -> None:
         print(f"peer skipped: {peer['skipped']}")
 
 
+def load(path: str, checkpoint: str | None, engine_options: dict):
+    """(model config, params) the way `LLM` loads them: straight into their shards under a
+    mesh, or restored from an orbax checkpoint. The engines of both modes share these."""
+    from jaxserve.config import ModelConfig
+    from jaxserve.llm import engine_config
+    from jaxserve.models.functional import abstract_params
+    from jaxserve.sharding import make_placement
+    from jaxserve.weights import load_model, restore_checkpoint
+
+    cfg = engine_config(**engine_options)
+    model_cfg = ModelConfig.from_pretrained(path)
+    shardings = None
+    if cfg.mesh_shape:
+        shardings = make_placement(model_cfg, cfg.mesh_shape,
+                                   abstract_params(model_cfg, cfg.dtype)).params
+    if checkpoint:
+        return model_cfg, restore_checkpoint(checkpoint, model_cfg, cfg.dtype, shardings)
+    return load_model(path, dtype=cfg.dtype, shardings=shardings)
+
+
 def main(argv) -> None:
     del argv
+    import jax
+
     from jaxserve.llm import DEMO_MODEL_PATH
-    from jaxserve.weights import load_model
 
     if FLAGS.plot_out:  # fail before the long run, not after it
         from jaxserve.bench.plot import require_matplotlib
@@ -124,13 +146,21 @@ def main(argv) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         sys.exit(f"error: no model at {path!r}; pass --model=DIR (a Hugging Face folder), e.g. "
                  "the benchmark model from `jaxserve-make-bench-model --out=DIR`")
+    if FLAGS.distributed:
+        jax.distributed.initialize()  # Cloud TPU pods: every worker runs this same command
     try:
         opts = options()
+        if jax.process_count() > 1 and opts.workload != "offline":
+            raise ValueError(f"workload={opts.workload!r} adds requests on each host's own "
+                             "clock, so the hosts of a pod would schedule different steps; "
+                             "run it on one host, or use workload=offline")
         engine_options = jflags.engine_options(FLAGS)
-        model_cfg, params = load_model(path, dtype=engine_options["dtype"])
+        model_cfg, params = load(path, FLAGS.checkpoint, engine_options)
         out = run_benchmark(opts, model_cfg, params, engine_options, sampling(), model_path=path)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if jax.process_index() != 0:
+        return  # every host ran the same steps; one reports
     print_report(out)
     if FLAGS.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
