@@ -9,7 +9,7 @@ parallelism:
   `pages_per_block` pages, loading them straight from the page list (a masked gather of page
   rows: pages past the context are never read), and keeps an online softmax for the R = H/KVH
   query heads that share the KV head (GQA: K/V are read once per KV head, never repeated). The
-  splits' partial (acc, max, sum) are merged in jnp afterwards (tiny: D x H x splits x Dh).
+  splits' partial (output, max, sum) are merged in jnp afterwards (D x H x splits x Dh).
 * Chunk rows (prefill): a tiled flash-attention. Grid (chunk sequence, query tile, KV head);
   a tile is `block_q` query rows x R heads (one [block_q * R, Dh] matrix), walking KV blocks
   only up to the tile's newest position (causal), with the causal mask inside the block.
@@ -47,9 +47,13 @@ class GpuBlockSizes:
     decode_kv_tokens: int = 64  # keys per decode KV block
     decode_split_tokens: int = 512  # a split covers at least this many keys
     max_splits: int = 16
-    chunk_block_q: int = 32  # query rows per chunk tile (times R heads per matmul)
+    # Split the KV only while decode sequences x KV heads leave the GPU's SMs idle: more
+    # splits than that only add partial outputs to write and merge.
+    target_programs: int = 264  # ~2 waves of an H100's 132 SMs
+    chunk_tile_rows: int = 128  # query rows x heads per chunk tile (one [rows, Dh] matmul)
     chunk_kv_tokens: int = 64
-    num_warps: int = 4
+    decode_num_warps: int = 4
+    chunk_num_warps: int = 8
     num_stages: int = 2
 
 
@@ -83,10 +87,11 @@ def _online_update(carry, q, k, v, mask, sm_scale):
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, kv_lens_ref, pages_ref, num_decodes_ref,
-                   acc_out, m_out, l_out, *, sm_scale: float, pages_per_block: int,
+                   o_out, m_out, l_out, *, sm_scale: float, pages_per_block: int,
                    pages_per_split: int):
     # q_ref [R_pad, Dh]; k_ref / v_ref [N, page_size, KVH, Dh]; pages_ref [S, pages_padded]
-    # outputs: acc [R_pad, Dh] f32, m / l [R_pad] f32 for (decode d, KV head g, split sp).
+    # outputs for (decode d, KV head g, split sp): the split's normalised o [R_pad, Dh] in q's
+    # dtype, its running max m and sum l [R_pad] in f32.
     d, g, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     page_size = k_ref.shape[1]
     block_kv = pages_per_block * page_size
@@ -113,7 +118,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, kv_lens_ref, pages_ref, num_decodes_ref,
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((r_pad,), MASK_VALUE, jnp.float32),
             jnp.zeros((r_pad,), jnp.float32))
     acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
-    acc_out[...] = acc
+    o_out[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_out.dtype)
     m_out[...] = m
     l_out[...] = l
 
@@ -180,92 +185,105 @@ def ragged_paged_attention(q, k_pages, v_pages, meta: RaggedMetadata, *, max_dec
     at most `max_chunk_len` rows each. Rows past cu_q_lens[num_seqs] may hold anything.
     """
     validate_inputs(q, k_pages, v_pages, meta)
-    tq, h, dh = q.shape
-    _, page_size, kvh, _ = k_pages.shape
-    pages_per_seq = meta.page_indices.shape[1]
-    r = h // kvh
-    sm_scale = default_scale(dh) if sm_scale is None else sm_scale
-    params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    sm_scale = default_scale(q.shape[-1]) if sm_scale is None else sm_scale
     out = jnp.zeros_like(q)
-
     if max_chunks:
-        block_q = min(_pow2(max_chunk_len), blocks.chunk_block_q)
-        r_pad = _pow2(r)
-        ppb = _pow2(max(1, blocks.chunk_kv_tokens // page_size))
-        ppb = min(ppb, _pow2(pages_per_seq))
-        if not interpret:
-            _check_triton_shapes(dh, page_size, ppb, "chunk")
-        # Page lists padded so a block's page slice never runs off the row.
-        pages = _pad_pages(meta.page_indices, ppb)
-        tq_pad = tq + block_q  # a tile may start at the last row and run block_q past it
-        q_g = jnp.pad(q, ((0, tq_pad - tq), (0, 0), (0, 0))).reshape(tq_pad, kvh, r, dh)
-        q_g = jnp.pad(q_g, ((0, 0), (0, 0), (0, r_pad - r), (0, 0)))
-        q_g = q_g.transpose(1, 0, 2, 3).reshape(kvh, tq_pad * r_pad, dh)
-        o_g = pl.pallas_call(
-            functools.partial(_chunk_kernel, sm_scale=sm_scale, block_q=block_q, r_pad=r_pad,
-                              pages_per_block=ppb),
-            grid=(max_chunks, pl.cdiv(max_chunk_len, block_q), kvh),
-            out_shape=jax.ShapeDtypeStruct(q_g.shape, q.dtype),
-            compiler_params=params, interpret=interpret,
-            name="jaxserve_gpu_ragged_attention_chunks",
-        )(q_g, k_pages, v_pages, meta.cu_q_lens, meta.kv_lens, pages, meta.num_seqs,
-          meta.num_decodes)
-        out = o_g.reshape(kvh, tq_pad, r_pad, dh)[:, :tq, :r].transpose(1, 0, 2, 3)
-        out = out.reshape(tq, h, dh)
-
+        out = _chunks(q, k_pages, v_pages, meta, sm_scale, max_chunks, max_chunk_len, blocks,
+                      interpret)
     if max_decodes:
-        out = out.at[:max_decodes].set(jnp.where(
-            (jnp.arange(max_decodes) < meta.num_decodes[0])[:, None, None],
-            _decode(q[:max_decodes], k_pages, v_pages, meta, sm_scale, blocks, params,
-                    interpret),
-            out[:max_decodes]))
+        is_decode = (jnp.arange(max_decodes) < meta.num_decodes[0])[:, None, None]
+        o_dec = _decodes(q[:max_decodes], k_pages, v_pages, meta, sm_scale, blocks, interpret)
+        out = out.at[:max_decodes].set(jnp.where(is_decode, o_dec, out[:max_decodes]))
     return out
 
 
 def _pad_pages(page_indices, multiple: int):
-    pages_per_seq = page_indices.shape[1]
-    pad = -pages_per_seq % multiple
+    """Page lists padded (with the trash page) so a block's page slice never runs off a row."""
+    pad = -page_indices.shape[1] % multiple
     return jnp.pad(page_indices, ((0, 0), (0, pad))) if pad else page_indices
 
 
-def _decode(q, k_pages, v_pages, meta, sm_scale, blocks: GpuBlockSizes, params, interpret):
-    """q [D, H, Dh]: the first D ragged rows -> [D, H, Dh] (rows >= num_decodes: garbage)."""
+def _chunks(q, k_pages, v_pages, meta, sm_scale, max_chunks, max_chunk_len,
+            blocks: GpuBlockSizes, interpret):
+    """Chunk rows of the packed q [Tq, H, Dh] -> [Tq, H, Dh] (other rows: unspecified)."""
+    tq, h, dh = q.shape
+    _, page_size, kvh, _ = k_pages.shape
+    pages_per_seq = meta.page_indices.shape[1]
+    r = h // kvh
+    r_pad = _pow2(r)
+    block_q = min(_pow2(max_chunk_len), max(1, blocks.chunk_tile_rows // r_pad))
+    ppb = min(_pow2(max(1, blocks.chunk_kv_tokens // page_size)), _pow2(pages_per_seq))
+    if not interpret:
+        _check_triton_shapes(dh, page_size, ppb, "chunk")
+        if block_q * r_pad < 16:
+            raise ValueError(f"chunk tiles of {block_q * r_pad} rows are below Triton's 16")
+    tq_pad = tq + block_q  # a live tile starts before row Tq and runs at most block_q past it
+    # [Tq, H, Dh] -> [KVH, Tq_pad * R_pad, Dh]: a tile is block_q rows x R_pad heads.
+    q_g = jnp.pad(q, ((0, tq_pad - tq), (0, 0), (0, 0))).reshape(tq_pad, kvh, r, dh)
+    q_g = jnp.pad(q_g, ((0, 0), (0, 0), (0, r_pad - r), (0, 0)))
+    q_g = q_g.transpose(1, 0, 2, 3).reshape(kvh, tq_pad * r_pad, dh)
+    o_g = pl.pallas_call(
+        functools.partial(_chunk_kernel, sm_scale=sm_scale, block_q=block_q, r_pad=r_pad,
+                          pages_per_block=ppb),
+        grid=(max_chunks, pl.cdiv(max_chunk_len, block_q), kvh),
+        out_shape=jax.ShapeDtypeStruct(q_g.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.chunk_num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="jaxserve_gpu_ragged_attention_chunks",
+    )(q_g, k_pages, v_pages, meta.cu_q_lens, meta.kv_lens, _pad_pages(meta.page_indices, ppb),
+      meta.num_seqs, meta.num_decodes)
+    out = o_g.reshape(kvh, tq_pad, r_pad, dh)[:, :tq, :r].transpose(1, 0, 2, 3)
+    return out.reshape(tq, h, dh)
+
+
+def decode_splits(num_decodes: int, num_kv_heads: int, max_tokens: int,
+                  blocks: GpuBlockSizes) -> int:
+    """How many KV splits a decode row gets (static: from the shapes, not the live lengths)."""
+    by_occupancy = pl.cdiv(blocks.target_programs, max(1, num_decodes * num_kv_heads))
+    by_length = max(1, max_tokens // blocks.decode_split_tokens)
+    return max(1, min(blocks.max_splits, by_length, by_occupancy))
+
+
+def _decodes(q, k_pages, v_pages, meta, sm_scale, blocks: GpuBlockSizes, interpret):
+    """q [D, H, Dh]: the first D packed rows -> [D, H, Dh] (rows >= num_decodes: garbage)."""
     d, h, dh = q.shape
     _, page_size, kvh, _ = k_pages.shape
     pages_per_seq = meta.page_indices.shape[1]
     r = h // kvh
-    r_pad = max(16, _pow2(r))
+    r_pad = max(16, _pow2(r))  # a matmul's M must be >= 16 for Triton
     ppb = min(_pow2(max(1, blocks.decode_kv_tokens // page_size)), _pow2(pages_per_seq))
     if not interpret:
         _check_triton_shapes(dh, page_size, ppb, "decode")
-    max_tokens = pages_per_seq * page_size
-    splits = max(1, min(blocks.max_splits, max_tokens // blocks.decode_split_tokens))
+    splits = decode_splits(d, kvh, pages_per_seq * page_size, blocks)
     pages_per_split = pl.cdiv(pl.cdiv(pages_per_seq, splits), ppb) * ppb
     splits = pl.cdiv(pages_per_seq, pages_per_split)
-    pages = _pad_pages(meta.page_indices, splits * pages_per_split)
-    q_d = q.reshape(d, kvh, r, dh)
-    q_d = jnp.pad(q_d, ((0, 0), (0, 0), (0, r_pad - r), (0, 0)))
-    acc, m, l = pl.pallas_call(
+    q_d = jnp.pad(q.reshape(d, kvh, r, dh), ((0, 0), (0, 0), (0, r_pad - r), (0, 0)))
+    full = pl.no_block_spec
+    o, m, l = pl.pallas_call(
         functools.partial(_decode_kernel, sm_scale=sm_scale, pages_per_block=ppb,
                           pages_per_split=pages_per_split),
         grid=(d, kvh, splits),
         in_specs=[pl.BlockSpec((None, None, r_pad, dh), lambda i, g, sp: (i, g, 0, 0)),
-                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec, pl.no_block_spec,
-                  pl.no_block_spec],
+                  full, full, full, full, full],
         out_specs=[
             pl.BlockSpec((None, None, None, r_pad, dh), lambda i, g, sp: (i, g, sp, 0, 0)),
             pl.BlockSpec((None, None, None, r_pad), lambda i, g, sp: (i, g, sp, 0)),
             pl.BlockSpec((None, None, None, r_pad), lambda i, g, sp: (i, g, sp, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((d, kvh, splits, r_pad, dh), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((d, kvh, splits, r_pad, dh), q.dtype),
                    jax.ShapeDtypeStruct((d, kvh, splits, r_pad), jnp.float32),
                    jax.ShapeDtypeStruct((d, kvh, splits, r_pad), jnp.float32)],
-        compiler_params=params, interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.decode_num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
         name="jaxserve_gpu_ragged_attention_decodes",
-    )(q_d, k_pages, v_pages, meta.kv_lens, pages, meta.num_decodes)
-    # Merge the splits: empty splits have m = MASK_VALUE and l = 0, so they weigh nothing.
-    m_all = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp(m - m_all)  # [D, KVH, splits, R_pad]
-    l_all = jnp.sum(w * l, axis=2)
-    o = jnp.sum(w[..., None] * acc, axis=2) / jnp.where(l_all == 0, 1.0, l_all)[..., None]
+    )(q_d, k_pages, v_pages, meta.kv_lens, _pad_pages(meta.page_indices, splits * pages_per_split),
+      meta.num_decodes)
+    # Merge the splits, each weighted by its share of the softmax mass; empty splits have
+    # m = MASK_VALUE and l = 0, so they weigh nothing.
+    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True)) * l  # [D, KVH, splits, R_pad]
+    total = jnp.sum(w, axis=2)
+    o = jnp.sum(w[..., None] * o.astype(jnp.float32), axis=2)
+    o = o / jnp.where(total == 0, 1.0, total)[..., None]
     return o[:, :, :r].reshape(d, h, dh).astype(q.dtype)

@@ -220,8 +220,17 @@ def ragged_paged_attention(q, k_pages, v_pages, meta: RaggedMetadata, *,
     auto_q, auto_pages = tpu_block_sizes(k_pages.dtype, dh, page_size, pages_per_seq, decode_only)
     block_q = block_q or auto_q
     pages_per_block = pages_per_block or auto_pages
-    if block_q < 1 or block_q % 8 and not interpret:
-        raise ValueError(f"{block_q=} must be a positive multiple of 8 on TPU")
+    if not interpret:
+        # Mosaic tiles the second-minor dim by 8 rows of 32 bits: query blocks and the page
+        # slots each DMA lands in must start on a tile boundary.
+        sublanes = 8 * max(1, 4 // jnp.dtype(k_pages.dtype).itemsize)
+        if block_q % 8:
+            raise ValueError(f"{block_q=} must be a multiple of 8 on TPU")
+        if page_size % sublanes:
+            raise ValueError(f"{page_size=} must be a multiple of {sublanes} on TPU for "
+                             f"{jnp.dtype(k_pages.dtype).name} pages")
+    if block_q < 1:
+        raise ValueError(f"{block_q=} must be positive")
     if not 0 < pages_per_block <= pages_per_seq:
         raise ValueError(f"{pages_per_block=} must be in [1, {pages_per_seq=}]")
     sm_scale = default_scale(dh) if sm_scale is None else sm_scale

@@ -102,9 +102,9 @@ def test_tpu_kernel_matches_reference(key):
 def test_gpu_kernel_matches_reference(key):
     _, page_size, _ = key
     _, shape, _ = _case_and_reference(*key)
-    # Small blocks: two KV blocks per split, several splits, several query tiles per chunk.
+    # Small blocks: two KV blocks per split, several splits, 2-8 query rows per chunk tile.
     blocks = gpu.GpuBlockSizes(decode_kv_tokens=page_size, decode_split_tokens=2 * page_size,
-                               chunk_block_q=4, chunk_kv_tokens=2 * page_size)
+                               chunk_tile_rows=8, chunk_kv_tokens=2 * page_size)
     kernel = functools.partial(gpu.ragged_paged_attention, max_decodes=shape.num_decode_slots,
                                max_chunks=shape.num_chunk_slots, max_chunk_len=CHUNK_LEN,
                                blocks=blocks, interpret=True)
@@ -166,3 +166,30 @@ def test_validation_names_the_bad_value():
                                    max_chunks=1, max_chunk_len=2, interpret=False)
     with pytest.raises(ValueError, match="pallas_interpret=True"):
         attention_fn("pallas_tpu", AttentionShape(1, 8, 2, 4, 4), interpret=False)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+def test_kernels_lower_for_their_hardware(backend, dtype):
+    """The non-interpret path lowers on the CPU to a Mosaic / Triton custom call at realistic
+    sizes (head_dim 128, page_size 16, GQA 4), mixed and decode-only: the Pallas lowering
+    rules (block shapes, supported ops and indexing) hold; only the device compilers and the
+    numerics go unchecked here."""
+    p, d, page_size, pages_per_seq = 32, 4, 16, 8
+    for chunks in ([(32, 40), (0, 0)], []):
+        c = len(chunks)
+        case = make_step_case(np.random.default_rng(0), chunks=chunks, chunk_len=p,
+                              decodes=[3, 0, 40, 128], page_size=page_size,
+                              pages_per_seq=pages_per_seq, num_heads=8, num_kv_heads=2,
+                              head_dim=128, dtype=jnp.dtype(dtype))
+        if backend == "pallas_tpu":
+            kernel = functools.partial(tpu.ragged_paged_attention, decode_only=c == 0)
+            platform, target = "tpu", "tpu_custom_call"
+        else:
+            kernel = functools.partial(gpu.ragged_paged_attention, max_decodes=d, max_chunks=c,
+                                       max_chunk_len=p)
+            platform, target = "cuda", "xla.gpu.triton"
+        fn = step_attention(kernel, c, p, d)
+        lowered = jax.jit(fn).trace(case.q, case.k_pages, case.v_pages, **case.kwargs()).lower(
+            lowering_platforms=(platform,))
+        assert target in lowered.as_text()
