@@ -36,8 +36,11 @@ class AttentionShape:
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        """Page counts the reference gathers: pages_per_seq / 16 ... pages_per_seq."""
-        return tuple(sorted({max(1, math.ceil(self.pages_per_seq / f)) for f in (16, 8, 4, 2, 1)}))
+        """Page counts the reference gathers, in sixteenths of pages_per_seq. Steps of at most
+        half above 1/4 bound the overshoot of a live context to 1.5x; each bucket adds one
+        attention body per layer to the compile."""
+        sixteenths = (1, 2, 4, 6, 8, 12, 16)
+        return tuple(sorted({max(1, math.ceil(self.pages_per_seq * k / 16)) for k in sixteenths}))
 
 
 # attend(q [T, H, Dh], k_pages [N, page, KVH, Dh], v_pages [N, page, KVH, Dh], *,

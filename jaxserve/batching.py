@@ -94,5 +94,7 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, num_global_slots: i
     for j, seq in enumerate(out.decodes):
         fill(c + j, c * p + j, seq, seq.num_computed, 1, True)
 
-    batch = dataclasses.replace(b, want_prompt_logprobs=np.bool_(want_prompt))
+    want_top = any(x.seq.payload.params.logprobs for x in sampled)
+    batch = dataclasses.replace(b, want_prompt_logprobs=np.bool_(want_prompt),
+                                want_top_logprobs=np.bool_(want_top))
     return batch, SlotPlan(sampled=sampled, chunk_rows=chunk_rows)

@@ -57,8 +57,10 @@ def _filtered_sample(logits: jax.Array, p: SamplingInputs) -> jax.Array:
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def sample(logits: jax.Array, p: SamplingInputs, num_top: int) -> SampleOutput:
-    """logits f32[S, V] -> the sampled token per slot and its logprobs (top `num_top` too)."""
+def sample(logits: jax.Array, p: SamplingInputs, num_top: int, want_top: jax.Array = True
+           ) -> SampleOutput:
+    """logits f32[S, V] -> the sampled token per slot and its logprobs (top `num_top` too,
+    when `want_top`: a top-k over the vocabulary every step is not free on a CPU)."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     # The sort costs far more than the model's last layer on a small vocab: skip it when every
@@ -67,7 +69,10 @@ def sample(logits: jax.Array, p: SamplingInputs, num_top: int) -> SampleOutput:
         jnp.any(p.temperature > 0),
         lambda: jnp.where(p.temperature > 0, _filtered_sample(logits, p), greedy),
         lambda: greedy)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+    s = logits.shape[0]
+    top_logprobs, top_ids = jax.lax.cond(
+        want_top, lambda: tuple(jax.lax.top_k(logprobs, num_top)),
+        lambda: (jnp.zeros((s, num_top), logprobs.dtype), jnp.zeros((s, num_top), jnp.int32)))
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids.astype(jnp.int32),
                         top_logprobs=top_logprobs)

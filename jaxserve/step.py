@@ -42,6 +42,7 @@ class StepBatch:
     sampling: SamplingInputs  # per slot
     prompt_targets: jax.Array  # i32[C*P]; the next prompt token after each chunk token, -1 none
     want_prompt_logprobs: jax.Array  # bool[]; computes the [C*P, vocab] prompt logprobs only if set
+    want_top_logprobs: jax.Array  # bool[]; computes the per-slot top-K logprobs only if set
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +85,8 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
         return o, KVCache(k=kc, v=vc)
 
     hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache)
-    out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top)
+    out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
+                 batch.want_top_logprobs)
     # Slots are numbered globally (chunk slots of the mixed step first), so a decode-only step's
     # slot d is C_mixed + d in both executables.
     next_tokens = jnp.zeros((num_global_slots,), jnp.int32).at[
@@ -115,7 +117,8 @@ def example_batch(shape: AttentionShape) -> StepBatch:
         sampling=SamplingInputs(
             temperature=np.zeros(s, np.float32), top_k=zi(s), top_p=np.ones(s, np.float32),
             min_p=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32), gen_index=zi(s)),
-        prompt_targets=np.full(c * p, -1, np.int32), want_prompt_logprobs=np.bool_(False))
+        prompt_targets=np.full(c * p, -1, np.int32), want_prompt_logprobs=np.bool_(False),
+        want_top_logprobs=np.bool_(False))
 
 
 @dataclasses.dataclass
