@@ -239,6 +239,9 @@ def test_unchunked_engine_is_sized_to_the_workload():
     assert (cfg.chunk_size, cfg.num_chunk_slots, cfg.max_model_len) == (0, 1, 24)
     with pytest.raises(ValueError, match="compare_chunking"):
         run_benchmark(BenchOptions(compare_chunking=True), TINY, None, {**ENGINE, "chunk_size": 0})
+    with pytest.raises(ValueError, match="max_model_len=32"):  # refused before any compile
+        run_benchmark(BenchOptions(input_len=30, output_len=4, **FAST_ROOFLINE), TINY, None,
+                      {**ENGINE, "max_model_len": 32}, log=lambda msg: None)
 
 
 def test_roofline_arithmetic():

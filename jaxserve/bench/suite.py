@@ -141,15 +141,15 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     modes = ["chunked", "unchunked"] if opts.compare_chunking else (
         ["chunked"] if chunked else ["unchunked"])
 
-    machine = roofline.measure_machine(dtype, matmul_n=opts.matmul_n, copy_bytes=opts.copy_bytes)
-    log(f"machine: {machine['matmul_gflops']:.1f} GFLOP/s (GEMM), "
-        f"{machine['mem_gbps']:.1f} GB/s (copy) on {machine['device_kind']}")
-    costs = roofline.model_costs(model_cfg, dtype)
     reqs = make_workload(opts, model_cfg.vocab_size, sampling, log=log)
     need = max(r.prompt_len + r.params.max_tokens for r in reqs)
     if need > model_cfg.max_position_embeddings:
         raise ValueError(f"the workload needs {need} positions (prompt + output) but the model "
                          f"has max_position_embeddings={model_cfg.max_position_embeddings}")
+    machine = roofline.measure_machine(dtype, matmul_n=opts.matmul_n, copy_bytes=opts.copy_bytes)
+    log(f"machine: {machine['matmul_gflops']:.1f} GFLOP/s (GEMM), "
+        f"{machine['mem_gbps']:.1f} GB/s (copy) on {machine['device_kind']}")
+    costs = roofline.model_costs(model_cfg, dtype)
     slots = engine_options.get("max_decode_slots") or EngineConfig.max_decode_slots
     if opts.workload == "interference" and opts.num_streams + opts.num_long_prompts > slots:
         log(f"warning: {opts.num_streams} streams + {opts.num_long_prompts} long prompts exceed "
@@ -158,11 +158,11 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     runs = []
     for i, mode in enumerate(modes):
         cfg = mode_config(mode, engine_options, need, model_cfg)
+        _check_lengths(reqs, cfg.resolve(model_cfg).max_model_len, mode)  # before compiling
         if cfg not in engines:
             log(f"{mode}: building the engine (compiles every executable) ...")
             engines[cfg] = Engine(model_cfg, params, cfg)
         engine = engines[cfg]
-        _check_lengths(reqs, engine.cfg.max_model_len, mode)
         calib = runner.warm_up(engine, model_cfg.vocab_size,
                                prompt_len=max(1, min(32, engine.cfg.max_model_len - 9)))
         if i == 0 and opts.workload == "interference":  # the same arrivals for every mode
