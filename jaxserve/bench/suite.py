@@ -6,6 +6,7 @@ report. The CLI maps flags onto `BenchOptions`; the tests call `run_benchmark` d
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import sys
 from typing import Callable
@@ -132,6 +133,7 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     from jaxserve.engine import Engine
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    keep_engines = engines is not None
     engines = {} if engines is None else engines
     sampling = dict(sampling or {})
     dtype = engine_options.get("dtype") or EngineConfig.dtype
@@ -179,6 +181,9 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
             good = goodput(result.ordered_outputs(), result.wall_s, opts.slo_ttft_ms,
                            opts.slo_tpot_ms)
         runs.append(rep.run_json(mode, engine.cfg, result, roof, good))
+        if not keep_engines:  # free its cache and params before the next mode's engine
+            del engines[cfg], engine, result
+            gc.collect()
     out = {"workload": opts.workload, "config": dataclasses.asdict(opts),
            "model": {"path": model_path, "params": costs["params"],
                      **dataclasses.asdict(model_cfg)},
