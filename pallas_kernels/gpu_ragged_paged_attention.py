@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged import MASK_VALUE, RaggedMetadata, default_scale, validate_inputs
+from pallas_kernels.ragged import (MASK_VALUE, RaggedMetadata, default_scale, stacked_cache,
+                                   validate_inputs)
 
 
 def _pow2(n: int) -> int:
@@ -57,16 +58,16 @@ class GpuBlockSizes:
     num_stages: int = 2
 
 
-def _masked_page_load(ref, pages, page_ok, g):
-    """ref [N, page_size, KVH, Dh]: rows of KV head g of `pages` -> [n*page_size, Dh]; pages
-    with page_ok False are not read (zeros)."""
-    _, page_size, _, head_dim = ref.shape
+def _masked_page_load(ref, layer, pages, page_ok, g):
+    """ref [L, N, page_size, KVH, Dh]: rows of KV head g of `pages` of `layer` ->
+    [n*page_size, Dh]; pages with page_ok False are not read (zeros)."""
+    _, _, page_size, _, head_dim = ref.shape
     # Integer-array indices on every dim (a gather of page rows): what both the Triton
     # lowering and the interpreter's discharge rule accept.
     slot = jnp.arange(page_size, dtype=jnp.int32)[None, :, None]
     lane = jnp.arange(head_dim, dtype=jnp.int32)[None, None, :]
-    x = plgpu.load(ref.at[pages[:, None, None], slot, g, lane], mask=page_ok[:, None, None],
-                   other=0)
+    x = plgpu.load(ref.at[layer, pages[:, None, None], slot, g, lane],
+                   mask=page_ok[:, None, None], other=0)
     return x.reshape(-1, head_dim)
 
 
@@ -86,14 +87,15 @@ def _online_update(carry, q, k, v, mask, sm_scale):
     return acc * alpha[:, None] + pv, m_new, l_new
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, kv_lens_ref, pages_ref, num_decodes_ref,
+def _decode_kernel(q_ref, k_ref, v_ref, kv_lens_ref, pages_ref, num_decodes_ref, layer_ref,
                    o_out, m_out, l_out, *, sm_scale: float, pages_per_block: int,
                    pages_per_split: int):
-    # q_ref [R_pad, Dh]; k_ref / v_ref [N, page_size, KVH, Dh]; pages_ref [S, pages_padded]
+    # q_ref [R_pad, Dh]; k_ref / v_ref [L, N, page_size, KVH, Dh]; pages_ref [S, pages_padded]
     # outputs for (decode d, KV head g, split sp): the split's normalised o [R_pad, Dh] in q's
     # dtype, its running max m and sum l [R_pad] in f32.
     d, g, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    page_size = k_ref.shape[1]
+    page_size = k_ref.shape[2]
+    layer = layer_ref[0]
     block_kv = pages_per_block * page_size
     kv_len = jnp.where(d < num_decodes_ref[0], kv_lens_ref[d], 0)
     first_page = sp * pages_per_split
@@ -107,8 +109,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, kv_lens_ref, pages_ref, num_decodes_ref,
         page_ids = p0 + jnp.arange(pages_per_block, dtype=jnp.int32)
         pages = pages_ref[d, pl.ds(p0, pages_per_block)]
         page_ok = page_ids < end_page
-        k = _masked_page_load(k_ref, pages, page_ok, g)
-        v = _masked_page_load(v_ref, pages, page_ok, g)
+        k = _masked_page_load(k_ref, layer, pages, page_ok, g)
+        v = _masked_page_load(v_ref, layer, pages, page_ok, g)
         key_pos = p0 * page_size + jnp.arange(block_kv, dtype=jnp.int32)
         key_ok = key_pos < kv_len
         v = jnp.where(key_ok[:, None], v, 0).astype(v.dtype)  # slots past kv_len may be NaN
@@ -124,13 +126,14 @@ def _decode_kernel(q_ref, k_ref, v_ref, kv_lens_ref, pages_ref, num_decodes_ref,
 
 
 def _chunk_kernel(q_ref, k_ref, v_ref, cu_ref, kv_lens_ref, pages_ref, num_seqs_ref,
-                  num_decodes_ref, o_ref, *, sm_scale: float, block_q: int, r_pad: int,
-                  pages_per_block: int):
+                  num_decodes_ref, layer_ref, o_ref, *, sm_scale: float, block_q: int,
+                  r_pad: int, pages_per_block: int):
     # q_ref / o_ref [KVH, Tq_pad * R_pad, Dh]: packed row t, head r of KV group g at
     # [g, t * R_pad + r]. Chunk sequence c is ragged sequence num_decodes + c.
     c, t, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_seqs_max = kv_lens_ref.shape[0]
-    page_size = k_ref.shape[1]
+    page_size = k_ref.shape[2]
+    layer = layer_ref[0]
     block_kv = pages_per_block * page_size
     tile = block_q * r_pad
     s = num_decodes_ref[0] + c
@@ -153,8 +156,8 @@ def _chunk_kernel(q_ref, k_ref, v_ref, cu_ref, kv_lens_ref, pages_ref, num_seqs_
         page_ids = p0 + jnp.arange(pages_per_block, dtype=jnp.int32)
         pages = pages_ref[s, pl.ds(p0, pages_per_block)]
         page_ok = page_ids * page_size <= last_pos
-        k = _masked_page_load(k_ref, pages, page_ok, g)
-        v = _masked_page_load(v_ref, pages, page_ok, g)
+        k = _masked_page_load(k_ref, layer, pages, page_ok, g)
+        v = _masked_page_load(v_ref, layer, pages, page_ok, g)
         key_pos = p0 * page_size + jnp.arange(block_kv, dtype=jnp.int32)
         v = jnp.where((key_pos <= last_pos)[:, None], v, 0).astype(v.dtype)
         mask = (key_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
@@ -177,22 +180,28 @@ def _check_triton_shapes(head_dim, page_size, pages_per_block, name):
 
 
 def ragged_paged_attention(q, k_pages, v_pages, meta: RaggedMetadata, *, max_decodes: int,
-                           max_chunks: int, max_chunk_len: int, sm_scale: float | None = None,
+                           max_chunks: int, max_chunk_len: int, layer=None,
+                           sm_scale: float | None = None,
                            blocks: GpuBlockSizes = GpuBlockSizes(), interpret: bool = False):
     """q [Tq, H, Dh] packed ragged rows (decodes first) -> [Tq, H, Dh].
+
+    k_pages / v_pages: one layer's [N, page_size, KVH, Dh], or the stacked [L, N, ...] cache
+    with `layer` (an int or i32 scalar) picking the layer; both are read in place.
 
     Static bounds: at most `max_decodes` decode sequences and `max_chunks` chunk sequences of
     at most `max_chunk_len` rows each. Rows past cu_q_lens[num_seqs] may hold anything.
     """
     validate_inputs(q, k_pages, v_pages, meta)
+    k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
     sm_scale = default_scale(q.shape[-1]) if sm_scale is None else sm_scale
     out = jnp.zeros_like(q)
     if max_chunks:
-        out = _chunks(q, k_pages, v_pages, meta, sm_scale, max_chunks, max_chunk_len, blocks,
-                      interpret)
+        out = _chunks(q, k_pages, v_pages, layer, meta, sm_scale, max_chunks, max_chunk_len,
+                      blocks, interpret)
     if max_decodes:
         is_decode = (jnp.arange(max_decodes) < meta.num_decodes[0])[:, None, None]
-        o_dec = _decodes(q[:max_decodes], k_pages, v_pages, meta, sm_scale, blocks, interpret)
+        o_dec = _decodes(q[:max_decodes], k_pages, v_pages, layer, meta, sm_scale, blocks,
+                         interpret)
         out = out.at[:max_decodes].set(jnp.where(is_decode, o_dec, out[:max_decodes]))
     return out
 
@@ -203,11 +212,11 @@ def _pad_pages(page_indices, multiple: int):
     return jnp.pad(page_indices, ((0, 0), (0, pad))) if pad else page_indices
 
 
-def _chunks(q, k_pages, v_pages, meta, sm_scale, max_chunks, max_chunk_len,
+def _chunks(q, k_pages, v_pages, layer, meta, sm_scale, max_chunks, max_chunk_len,
             blocks: GpuBlockSizes, interpret):
     """Chunk rows of the packed q [Tq, H, Dh] -> [Tq, H, Dh] (other rows: unspecified)."""
     tq, h, dh = q.shape
-    _, page_size, kvh, _ = k_pages.shape
+    _, _, page_size, kvh, _ = k_pages.shape
     pages_per_seq = meta.page_indices.shape[1]
     r = h // kvh
     r_pad = _pow2(r)
@@ -232,7 +241,7 @@ def _chunks(q, k_pages, v_pages, meta, sm_scale, max_chunks, max_chunk_len,
         interpret=interpret,
         name="jaxserve_gpu_ragged_attention_chunks",
     )(q_g, k_pages, v_pages, meta.cu_q_lens, meta.kv_lens, _pad_pages(meta.page_indices, ppb),
-      meta.num_seqs, meta.num_decodes)
+      meta.num_seqs, meta.num_decodes, layer)
     out = o_g.reshape(kvh, tq_pad, r_pad, dh)[:, :tq, :r].transpose(1, 0, 2, 3)
     return out.reshape(tq, h, dh)
 
@@ -245,10 +254,10 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_tokens: int,
     return max(1, min(blocks.max_splits, by_length, by_occupancy))
 
 
-def _decodes(q, k_pages, v_pages, meta, sm_scale, blocks: GpuBlockSizes, interpret):
+def _decodes(q, k_pages, v_pages, layer, meta, sm_scale, blocks: GpuBlockSizes, interpret):
     """q [D, H, Dh]: the first D packed rows -> [D, H, Dh] (rows >= num_decodes: garbage)."""
     d, h, dh = q.shape
-    _, page_size, kvh, _ = k_pages.shape
+    _, _, page_size, kvh, _ = k_pages.shape
     pages_per_seq = meta.page_indices.shape[1]
     r = h // kvh
     r_pad = max(16, _pow2(r))  # a matmul's M must be >= 16 for Triton
@@ -265,7 +274,7 @@ def _decodes(q, k_pages, v_pages, meta, sm_scale, blocks: GpuBlockSizes, interpr
                           pages_per_split=pages_per_split),
         grid=(d, kvh, splits),
         in_specs=[pl.BlockSpec((None, None, r_pad, dh), lambda i, g, sp: (i, g, 0, 0)),
-                  full, full, full, full, full],
+                  full, full, full, full, full, full],
         out_specs=[
             pl.BlockSpec((None, None, None, r_pad, dh), lambda i, g, sp: (i, g, sp, 0, 0)),
             pl.BlockSpec((None, None, None, r_pad), lambda i, g, sp: (i, g, sp, 0)),
@@ -279,7 +288,7 @@ def _decodes(q, k_pages, v_pages, meta, sm_scale, blocks: GpuBlockSizes, interpr
         interpret=interpret,
         name="jaxserve_gpu_ragged_attention_decodes",
     )(q_d, k_pages, v_pages, meta.kv_lens, _pad_pages(meta.page_indices, splits * pages_per_split),
-      meta.num_decodes)
+      meta.num_decodes, layer)
     # Merge the splits, each weighted by its share of the softmax mass; empty splits have
     # m = MASK_VALUE and l = 0, so they weigh nothing.
     w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True)) * l  # [D, KVH, splits, R_pad]

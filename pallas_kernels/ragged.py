@@ -90,16 +90,17 @@ def to_ragged(num_chunk_slots: int, chunk_len: int, num_decode_slots: int, chunk
 
 
 def validate_inputs(q, k_pages, v_pages, meta: RaggedMetadata) -> None:
-    """Static (trace-time) checks; a ValueError names the offending value."""
+    """Static (trace-time) checks; a ValueError names the offending value. The cache is one
+    layer's pages [N, page_size, KVH, Dh] or every layer's [L, N, page_size, KVH, Dh]."""
     if q.ndim != 3:
         raise ValueError(f"q must be [tokens, num_q_heads, head_dim], got {q.shape=}")
-    if k_pages.ndim != 4:
-        raise ValueError(
-            f"k_pages must be [num_pages, page_size, num_kv_heads, head_dim], got {k_pages.shape=}")
+    if k_pages.ndim not in (4, 5):
+        raise ValueError(f"k_pages must be [(layers,) num_pages, page_size, num_kv_heads, "
+                         f"head_dim], got {k_pages.shape=}")
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"{k_pages.shape=} must equal {v_pages.shape=}")
     _, num_q_heads, head_dim = q.shape
-    _, _, num_kv_heads, head_dim_kv = k_pages.shape
+    num_kv_heads, head_dim_kv = k_pages.shape[-2:]
     if head_dim != head_dim_kv:
         raise ValueError(f"q {head_dim=} must equal the cache's head_dim={head_dim_kv}")
     if num_q_heads % num_kv_heads:
@@ -119,6 +120,19 @@ def validate_inputs(q, k_pages, v_pages, meta: RaggedMetadata) -> None:
         dtype = getattr(meta, name).dtype
         if dtype != jnp.int32:
             raise ValueError(f"{name} must be int32, got {dtype=}")
+
+
+def stacked_cache(k_pages, v_pages, layer):
+    """Both kernels index a [L, N, page_size, KVH, Dh] cache with a layer number i32[1]: a
+    single layer's [N, ...] pages become L = 1 (a free reshape), and an engine can hand over
+    its whole cache plus the layer instead of a per-layer slice, which XLA would copy."""
+    if k_pages.ndim == 4:
+        if layer is not None:
+            raise ValueError("layer= needs the stacked cache [layers, num_pages, ...]")
+        return k_pages[None], v_pages[None], jnp.zeros((1,), jnp.int32)
+    if layer is None:
+        raise ValueError(f"a stacked cache {k_pages.shape=} needs layer=")
+    return k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def ragged_reference(q, k_pages, v_pages, meta: RaggedMetadata, *, sm_scale: float):
@@ -153,17 +167,18 @@ def default_scale(head_dim: int) -> float:
 
 
 def step_attention(ragged_fn, num_chunk_slots: int, chunk_len: int, num_decode_slots: int):
-    """Adapts `ragged_fn(q, k_pages, v_pages, meta) -> o` (packed ragged rows) to the engine's
-    step layout: attend(q [T, H, Dh], k_pages, v_pages, *, positions, chunk_lens, kv_lens,
-    page_table) -> [T, H, Dh]. `positions` is not needed (see the module docstring)."""
+    """Adapts `ragged_fn(q, k_pages, v_pages, meta, layer=) -> o` (packed ragged rows) to the
+    engine's step layout: attend(q [T, H, Dh], k_pages, v_pages, *, positions, chunk_lens,
+    kv_lens, page_table, layer=None) -> [T, H, Dh]. `positions` is not needed (see the module
+    docstring); `layer` selects a layer of a stacked [L, N, ...] cache (see `stacked_cache`)."""
     c, p, d = num_chunk_slots, chunk_len, num_decode_slots
 
-    def attend(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table):
+    def attend(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table, layer=None):
         del positions
         if q.shape[0] != c * p + d:
             raise ValueError(f"{q.shape=} must have C*P + D = {c * p + d} rows")
         meta, rows = to_ragged(c, p, d, chunk_lens, kv_lens, page_table)
-        o = ragged_fn(q[rows.src_rows], k_pages, v_pages, meta)
+        o = ragged_fn(q[rows.src_rows], k_pages, v_pages, meta, layer=layer)
         return o[rows.dst_rows]
 
     return attend

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged import MASK_VALUE, RaggedMetadata, default_scale, validate_inputs
+from pallas_kernels.ragged import (MASK_VALUE, RaggedMetadata, default_scale, stacked_cache,
+                                   validate_inputs)
 
 _LANES = 128
 
@@ -68,9 +69,10 @@ def _kernel(
     kv_lens_ref,  # i32[S]
     pages_ref,  # i32[S, pages_per_seq]
     seq_range_ref,  # i32[2, num_q_blocks]: first, last sequence with rows in the block
+    layer_ref,  # i32[1]: the layer of the stacked cache
     # Inputs.
     q_ref,  # [R, block_q, Dh]: query heads g*R .. g*R + R - 1
-    k_hbm,  # [N, page_size, KVH, Dh] (HBM)
+    k_hbm,  # [L, N, page_size, KVH, Dh] (HBM)
     v_hbm,
     # Output.
     o_ref,  # [R, block_q, Dh]
@@ -87,7 +89,8 @@ def _kernel(
 ):
     g, b = pl.program_id(0), pl.program_id(1)
     num_q_per_kv, block_q, head_dim = q_ref.shape
-    page_size = k_hbm.shape[1]
+    page_size = k_hbm.shape[2]
+    layer = layer_ref[0]
     pages_per_seq = pages_ref.shape[1]
     block_kv = pages_per_block * page_size
     row0 = b * block_q
@@ -110,9 +113,9 @@ def _kernel(
             dst = pl.ds(i * page_size, page_size)
             out.append((
                 p * page_size <= last_pos,
-                pltpu.make_async_copy(k_hbm.at[page, :, g, :], k_buf.at[slot, dst, :],
+                pltpu.make_async_copy(k_hbm.at[layer, page, :, g, :], k_buf.at[slot, dst, :],
                                       sems.at[0, slot]),
-                pltpu.make_async_copy(v_hbm.at[page, :, g, :], v_buf.at[slot, dst, :],
+                pltpu.make_async_copy(v_hbm.at[layer, page, :, g, :], v_buf.at[slot, dst, :],
                                       sems.at[1, slot]),
             ))
         return out
@@ -203,18 +206,22 @@ def _seq_ranges(cu_q_lens, num_seqs, num_q_blocks: int, block_q: int):
     return jnp.stack([first, last])
 
 
-def ragged_paged_attention(q, k_pages, v_pages, meta: RaggedMetadata, *,
+def ragged_paged_attention(q, k_pages, v_pages, meta: RaggedMetadata, *, layer=None,
                            sm_scale: float | None = None, block_q: int | None = None,
                            pages_per_block: int | None = None, decode_only: bool = False,
                            interpret=False, vmem_limit_bytes: int | None = None):
     """q [Tq, H, Dh] packed ragged rows -> [Tq, H, Dh]; rows past cu_q_lens[num_seqs] are 0.
 
+    k_pages / v_pages: one layer's [N, page_size, KVH, Dh], or the stacked [L, N, ...] cache
+    with `layer` (an int or i32 scalar) picking the layer; the kernel DMAs from either in place.
+
     `interpret=True` runs on the CPU in TPU interpret mode (`pltpu.InterpretParams()`); an
     `InterpretParams` instance may be passed instead to set its options.
     """
     validate_inputs(q, k_pages, v_pages, meta)
+    k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
     tq, h, dh = q.shape
-    _, page_size, kvh, _ = k_pages.shape
+    _, _, page_size, kvh, _ = k_pages.shape
     pages_per_seq = meta.page_indices.shape[1]
     r = h // kvh
     auto_q, auto_pages = tpu_block_sizes(k_pages.dtype, dh, page_size, pages_per_seq, decode_only)
@@ -250,7 +257,7 @@ def ragged_paged_attention(q, k_pages, v_pages, meta: RaggedMetadata, *,
     kernel = pl.pallas_call(
         functools.partial(_kernel, sm_scale=sm_scale, pages_per_block=pages_per_block),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
+            num_scalar_prefetch=5,
             grid=(kvh, num_q_blocks),
             in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY),
                       pl.BlockSpec(memory_space=pl.ANY)],
@@ -269,6 +276,6 @@ def ragged_paged_attention(q, k_pages, v_pages, meta: RaggedMetadata, *,
         interpret=interpret,
         name="jaxserve_tpu_ragged_paged_attention",
     )
-    o_t = kernel(meta.cu_q_lens, meta.kv_lens, meta.page_indices, seq_range, q_t, k_pages,
-                 v_pages)
+    o_t = kernel(meta.cu_q_lens, meta.kv_lens, meta.page_indices, seq_range, layer, q_t,
+                 k_pages, v_pages)
     return o_t.transpose(2, 0, 1, 3).reshape(tq_pad, h, dh)[:tq]

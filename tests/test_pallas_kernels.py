@@ -119,6 +119,20 @@ def test_decode_only_step_through_attention_fn_with_default_blocks(backend):
     _check(_call(attention_fn(backend, shape, interpret=True), case), key)
 
 
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+def test_stacked_cache_with_a_traced_layer_index(backend):
+    """The whole [L, N, ...] cache plus a layer number (no per-layer slice for XLA to copy)."""
+    key = CASES[1]
+    case, shape, _ = _case_and_reference(*key)
+    noise = np.random.default_rng(9).standard_normal((3,) + case.k_pages.shape)
+    k_all = noise.astype(np.float32).copy()
+    v_all = (noise + 1).astype(np.float32)
+    k_all[1], v_all[1] = case.k_pages, case.v_pages
+    attend = attention_fn(backend, shape, interpret=True)
+    fn = jax.jit(lambda q, k, v, layer, kw: attend(q, k, v, layer=layer, **kw))
+    _check(fn(case.q, k_all, v_all, jnp.int32(1), case.kwargs()), key)
+
+
 def test_ragged_view_round_trip_and_kernel_reference():
     """to_ragged packs live rows decodes-first; ragged_reference agrees with the engine's."""
     key = CASES[1]
