@@ -1,0 +1,1 @@
+"""Pallas ragged paged attention kernels (TPU: Mosaic, GPU: Triton); see README.md."""
