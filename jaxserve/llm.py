@@ -26,6 +26,23 @@ def engine_config(**options) -> EngineConfig:
     return EngineConfig(**options)
 
 
+def load_params(path: str, checkpoint: str | None, cfg: EngineConfig):
+    """(model config, params) from a Hugging Face folder: with a mesh, every tensor goes straight
+    into its shards; with `checkpoint`, params are restored from orbax instead of safetensors."""
+    from jaxserve.models.functional import abstract_params
+    from jaxserve.sharding import make_placement
+    from jaxserve.weights import load_model, restore_checkpoint
+
+    model_cfg = ModelConfig.from_pretrained(path)
+    shardings = None
+    if cfg.mesh_shape:
+        shardings = make_placement(model_cfg, cfg.mesh_shape,
+                                   abstract_params(model_cfg, cfg.dtype)).params
+    if checkpoint:
+        return model_cfg, restore_checkpoint(checkpoint, model_cfg, cfg.dtype, shardings)
+    return load_model(path, dtype=cfg.dtype, shardings=shardings)
+
+
 class LLM:
     """Offline generation and scoring. `LLM()` loads the built-in demo model."""
 
@@ -35,23 +52,11 @@ class LLM:
         checkpoint of converted params (`jaxserve.cli.convert`) to restore instead of reading
         the safetensors, which is how a pod restarts fast; the config still comes from `model`.
         """
-        from jaxserve.config import ModelConfig
-        from jaxserve.models.functional import abstract_params
-        from jaxserve.sharding import make_placement
         from jaxserve.tokenizer import Tokenizer
-        from jaxserve.weights import load_model, restore_checkpoint
 
         path = model or DEMO_MODEL_PATH
         cfg = engine_config(**engine_options)
-        model_cfg = ModelConfig.from_pretrained(path)
-        shardings = None
-        if cfg.mesh_shape:  # read every tensor straight into its shards
-            shardings = make_placement(model_cfg, cfg.mesh_shape,
-                                       abstract_params(model_cfg, cfg.dtype)).params
-        if checkpoint:
-            params = restore_checkpoint(checkpoint, model_cfg, cfg.dtype, shardings)
-        else:
-            model_cfg, params = load_model(path, dtype=cfg.dtype, shardings=shardings)
+        model_cfg, params = load_params(path, checkpoint, cfg)
         tokenizer = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             tokenizer = Tokenizer.from_pretrained(path)

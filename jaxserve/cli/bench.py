@@ -113,21 +113,9 @@ def print_report(out: dict) -> None:
 def load(path: str, checkpoint: str | None, engine_options: dict):
     """(model config, params) the way `LLM` loads them: straight into their shards under a
     mesh, or restored from an orbax checkpoint. The engines of both modes share these."""
-    from jaxserve.config import ModelConfig
-    from jaxserve.llm import engine_config
-    from jaxserve.models.functional import abstract_params
-    from jaxserve.sharding import make_placement
-    from jaxserve.weights import load_model, restore_checkpoint
+    from jaxserve.llm import engine_config, load_params
 
-    cfg = engine_config(**engine_options)
-    model_cfg = ModelConfig.from_pretrained(path)
-    shardings = None
-    if cfg.mesh_shape:
-        shardings = make_placement(model_cfg, cfg.mesh_shape,
-                                   abstract_params(model_cfg, cfg.dtype)).params
-    if checkpoint:
-        return model_cfg, restore_checkpoint(checkpoint, model_cfg, cfg.dtype, shardings)
-    return load_model(path, dtype=cfg.dtype, shardings=shardings)
+    return load_params(path, checkpoint, engine_config(**engine_options))
 
 
 def main(argv) -> None:
