@@ -58,6 +58,14 @@ class Tokenizer:
             add_bos_token = bos_token_id is not None and with_specials[:1] == [bos_token_id]
         self.add_bos_token = bool(add_bos_token) and bos_token_id is not None
         self.chat_template = chat_template
+        added = tokenizer.get_added_tokens_decoder()
+        self.special_token_ids = frozenset(i for i, t in added.items() if t.special)
+        # SentencePiece byte fallback ("<0xE6>"): the decoder turns each run of such tokens into
+        # UTF-8 as a whole, all of it U+FFFD when any part is invalid. Streaming needs to know.
+        byte_ids = ()
+        if getattr(tokenizer.model, "byte_fallback", False):
+            byte_ids = (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        self.byte_fallback_ids = frozenset(i for i in byte_ids if i is not None)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -119,6 +127,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids` (special tokens left out unless `skip_special_tokens=False`)."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -132,8 +141,10 @@ class IncrementalDetokenizer:
     Decoding one token alone is wrong in two ways: a byte-level token may hold only part of a
     UTF-8 character, and SentencePiece-style decoders treat a token differently at the start of
     a text (the leading space is dropped) than in context. So each step decodes a small window
-    of earlier tokens plus the new ones and emits what the new ones added to the window's
-    text, holding output back while it ends in an unfinished character.
+    of earlier tokens plus the new ones and emits what the new ones added to the window's text,
+    holding output back while it ends in an unfinished character (or, with byte fallback, inside
+    a run of byte tokens, which the decoder converts as a whole). The emitted text, plus `flush`
+    at the end, equals the full decode.
     """
 
     _PROMPT_CONTEXT = 5  # prompt tokens of context for the first window
@@ -142,18 +153,36 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._bytes = tokenizer.byte_fallback_ids
         self._ids: list[int] = [int(i) for i in prompt_ids]
         self._num_prompt = len(self._ids)
         self._read = len(self._ids)  # tokens whose text has been emitted (or is the prompt)
-        self._prefix = max(self._read - self._PROMPT_CONTEXT, 0)  # start of the context window
+        prefix = max(self._read - self._PROMPT_CONTEXT, 0)  # start of the context window
+        while prefix > 0 and self._in_byte_run(self._ids[prefix - 1]):
+            prefix -= 1  # never start a window inside a byte run: it would all decode as U+FFFD
+        self._prefix = prefix
         self._chunks: list[str] = []
 
+    def _transparent(self, token_id: int) -> bool:
+        return self._skip and token_id in self._tokenizer.special_token_ids
+
+    def _in_byte_run(self, token_id: int) -> bool:
+        return token_id in self._bytes or (bool(self._bytes) and self._transparent(token_id))
+
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        # Unchecked: an id in a model's padded vocab above the tokenizer's has no text, and a
+        # stream should not fail on it (the tokenizers library skips such ids).
+        return self._tokenizer._tok.decode(ids, skip_special_tokens=self._skip)
 
     def add(self, token_id: int) -> str:
         """Appends one token; returns the text it completed (often "", never half a character)."""
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        if self._bytes:
+            last = next((i for i in reversed(self._ids[self._read:])
+                         if not self._transparent(i)), None)
+            if last is None or last in self._bytes:
+                return ""
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         if self._read == self._num_prompt:
             # A prompt that ends mid-character: the completed character is output, not prompt.
@@ -161,10 +190,7 @@ class IncrementalDetokenizer:
         new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""
-        delta = new_text[len(prefix_text):]
-        self._prefix, self._read = self._read, len(self._ids)
-        self._chunks.append(delta)
-        return delta
+        return self._emit(new_text[len(prefix_text):])
 
     def flush(self) -> str:
         """At the end of a stream: the held-back text (an unfinished character shows as U+FFFD)."""
@@ -173,8 +199,9 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         if self._read == self._num_prompt:
             prefix_text = prefix_text.rstrip(_REPLACEMENT)
-        new_text = self._decode(self._ids[self._prefix:])
-        delta = new_text[len(prefix_text):]
+        return self._emit(self._decode(self._ids[self._prefix:])[len(prefix_text):])
+
+    def _emit(self, delta: str) -> str:
         self._prefix, self._read = self._read, len(self._ids)
         if delta:
             self._chunks.append(delta)
