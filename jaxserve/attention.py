@@ -45,7 +45,9 @@ class AttentionShape:
 
 # attend(q [T, H, Dh], k_pages [N, page, KVH, Dh], v_pages [N, page, KVH, Dh], *,
 #        positions i32[T], chunk_lens i32[C], kv_lens i32[C + D],
-#        page_table i32[C + D, pages_per_seq]) -> [T, H, Dh]
+#        page_table i32[C + D, pages_per_seq], layer=None) -> [T, H, Dh]
+# With `layer`, k/v_pages are the whole stacked cache [L, N, ...]: a backend reads that layer's
+# pages in place (slicing it out first would copy a layer of cache per layer per step).
 # Queries: chunk slot c holds rows [c*P, c*P + chunk_lens[c]) (the rest is padding), decode slot
 # d holds row C*P + d (live iff kv_lens[C + d] > 0). Rows that are padding may hold anything.
 AttentionFn = Callable[..., jax.Array]
@@ -57,18 +59,20 @@ def _pick_bucket(kv_lens: jax.Array, shape: AttentionShape) -> jax.Array:
     return jnp.minimum(jnp.sum(buckets < pages_needed), len(shape.buckets) - 1)
 
 
-def _gather(pages: jax.Array, page_table: jax.Array, num_pages: int) -> jax.Array:
-    """pages [N, page, KVH, Dh], page_table [S, >=num_pages] -> [S, num_pages*page, KVH, Dh]."""
-    g = pages[page_table[:, :num_pages]]
+def _gather(pages: jax.Array, page_table: jax.Array, num_pages: int, layer=None) -> jax.Array:
+    """pages [N, page, KVH, Dh] (or the stacked [L, N, ...] with `layer`), page_table
+    [S, >=num_pages] -> [S, num_pages*page, KVH, Dh], one gather straight from the cache."""
+    idx = page_table[:, :num_pages]
+    g = pages[idx] if layer is None else pages[layer, idx]
     s, n, ps, kvh, dh = g.shape
     return g.reshape(s, n * ps, kvh, dh)
 
 
-def _chunk_attention(q, k_pages, v_pages, q_pos, kv_lens, page_table, num_pages):
+def _chunk_attention(q, k_pages, v_pages, q_pos, kv_lens, page_table, layer, num_pages):
     """q [C, P, H, Dh], q_pos i32[C, P] -> [C, P, H, Dh], causal within the sequence."""
     c, p, h, dh = q.shape
-    k = _gather(k_pages, page_table, num_pages)  # [C, ctx, KVH, Dh]
-    v = _gather(v_pages, page_table, num_pages)
+    k = _gather(k_pages, page_table, num_pages, layer)  # [C, ctx, KVH, Dh]
+    v = _gather(v_pages, page_table, num_pages, layer)
     kvh = k.shape[2]
     ctx = jnp.arange(k.shape[1], dtype=jnp.int32)
     live = ctx[None, :] < kv_lens[:, None]  # [C, ctx]
@@ -83,11 +87,11 @@ def _chunk_attention(q, k_pages, v_pages, q_pos, kv_lens, page_table, num_pages)
     return o.reshape(c, p, h, dh).astype(q.dtype)
 
 
-def _decode_attention(q, k_pages, v_pages, kv_lens, page_table, num_pages):
+def _decode_attention(q, k_pages, v_pages, kv_lens, page_table, layer, num_pages):
     """q [D, H, Dh] -> [D, H, Dh]; each query attends to its whole live context."""
     d, h, dh = q.shape
-    k = _gather(k_pages, page_table, num_pages)  # [D, ctx, KVH, Dh]
-    v = _gather(v_pages, page_table, num_pages)
+    k = _gather(k_pages, page_table, num_pages, layer)  # [D, ctx, KVH, Dh]
+    v = _gather(v_pages, page_table, num_pages, layer)
     kvh = k.shape[2]
     ctx = jnp.arange(k.shape[1], dtype=jnp.int32)
     live = ctx[None, :] < kv_lens[:, None]  # [D, ctx]
@@ -101,8 +105,9 @@ def _decode_attention(q, k_pages, v_pages, kv_lens, page_table, num_pages):
 
 
 def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table,
-                        shape: AttentionShape) -> jax.Array:
-    """The XLA reference over a whole step: q [T, H, Dh] -> [T, H, Dh]."""
+                        shape: AttentionShape, layer=None) -> jax.Array:
+    """The XLA reference over a whole step: q [T, H, Dh] -> [T, H, Dh]. With `layer`, k/v_pages
+    are the stacked [L, N, page, KVH, Dh] cache and pages are read from that layer in place."""
     del chunk_lens  # padding rows are masked through positions and kv_lens
     c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
     t, h, dh = q.shape
@@ -112,12 +117,12 @@ def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, 
         q_c = q[: c * p].reshape(c, p, h, dh)
         branches = [functools.partial(_chunk_attention, num_pages=n) for n in shape.buckets]
         o_c = jax.lax.switch(_pick_bucket(kv_lens[:c], shape), branches, q_c, k_pages, v_pages,
-                             positions[: c * p].reshape(c, p), kv_lens[:c], page_table[:c])
+                             positions[: c * p].reshape(c, p), kv_lens[:c], page_table[:c], layer)
         parts.append(o_c.reshape(c * p, h, dh))
     if d:
         branches = [functools.partial(_decode_attention, num_pages=n) for n in shape.buckets]
         parts.append(jax.lax.switch(_pick_bucket(kv_lens[c:], shape), branches, q[c * p:],
-                                    k_pages, v_pages, kv_lens[c:], page_table[c:]))
+                                    k_pages, v_pages, kv_lens[c:], page_table[c:], layer))
     return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
 

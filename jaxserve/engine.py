@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import logging
 import time
 
 import jax
@@ -26,7 +28,7 @@ from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import make_placement, shard_params, to_host
 from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
-from jaxserve.step import StepOutput, compile_steps
+from jaxserve.step import StepOutput, compile_steps, example_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +96,40 @@ class Engine:
         # Counts (and in tests forbids) compiles while serving; warm-up is outside it.
         self._counter = CompileCounter(strict=strict_compiles)
         t0 = time.perf_counter()
-        self.executables = compile_steps(
-            model_cfg, self.layout, self.params, self.cache, self.shape, backend=self.backend,
-            interpret=cfg.pallas_interpret, num_top=self.num_top, placement=self.placement)
+        self.executables = self._compile(model_cfg, cfg)
+        self._warm_up()
         self.startup_compile_s = time.perf_counter() - t0
         self._stats = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "scheduled_tokens": 0,
                        "slot_tokens": 0, "preemptions": 0, "compiles_after_warmup": 0}
+
+    def _compile(self, model_cfg: ModelConfig, cfg: EngineConfig):
+        if self.placement is not None and self.backend != "xla":
+            if cfg.attention != "auto":
+                raise ValueError(f"attention={cfg.attention!r} cannot run on a mesh "
+                                 f"(mesh_shape={cfg.mesh_shape!r}) yet: use attention='xla'")
+            self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
+        build = functools.partial(
+            compile_steps, model_cfg, self.layout, self.params, self.cache, self.shape,
+            interpret=cfg.pallas_interpret, num_top=self.num_top, placement=self.placement)
+        try:
+            return build(backend=self.backend)
+        except ValueError as e:
+            if cfg.attention != "auto" or self.backend == "xla":
+                raise
+            # auto chose a kernel whose shape rules this model breaks: fall back, say why.
+            logging.warning("attention=auto: %s cannot serve this model (%s); using xla",
+                            self.backend, e)
+            self.backend = "xla"
+            return build(backend="xla")
+
+    def _warm_up(self) -> None:
+        """Runs both executables once on an empty batch (it writes only the trash page), so
+        first-use work in the runtime happens at start-up, not in the first served step."""
+        for exe, shape in ((self.executables.mixed, self.executables.mixed_shape),
+                           (self.executables.decode_only, self.executables.decode_shape)):
+            out, self.cache = exe(self.params, self.cache, example_batch(shape),
+                                  self._prev_tokens)
+            jax.block_until_ready(out)
 
     # -- requests --------------------------------------------------------------------------
 

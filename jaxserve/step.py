@@ -79,7 +79,7 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
         # Write first, so a chunk reads its own tokens' K/V from the cache like any other.
         kc = cache.k.at[layer, page, offset].set(k.astype(cache.k.dtype))
         vc = cache.v.at[layer, page, offset].set(v.astype(cache.v.dtype))
-        o = attend_pages(q, kc[layer], vc[layer], positions=batch.positions,
+        o = attend_pages(q, kc, vc, layer=layer, positions=batch.positions,
                          chunk_lens=batch.chunk_lens, kv_lens=batch.kv_lens,
                          page_table=batch.page_table)
         return o, KVCache(k=kc, v=vc)
