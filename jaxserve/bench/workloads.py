@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from jaxserve.jsonl import parse_object
 from jaxserve.sampling_params import SamplingParams
 
 WORKLOADS = ("offline", "online", "interference", "trace")
@@ -151,12 +152,7 @@ def read_trace(path: str, vocab_size: int, sampling: dict | None = None
 
 
 def _trace_line(number: int, raw: str, vocab_size: int, defaults: dict) -> BenchRequest:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = parse_object(raw)
     for key in ("arrival_s", "prompt_token_ids", "max_tokens"):
         if key not in obj:
             raise ValueError(f'missing "{key}"')

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
+from jaxserve.jsonl import parse_object
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -31,12 +31,7 @@ def parse_prompt_lines(lines: list[str], sampling_defaults: dict, tokenizer
 
 
 def _parse_line(number: int, raw: str, defaults: dict, tokenizer) -> PromptLine:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = parse_object(raw)
     has_text, has_ids = "prompt" in obj, "prompt_token_ids" in obj
     if has_text == has_ids:
         raise ValueError('give exactly one of "prompt" or "prompt_token_ids"')
