@@ -35,6 +35,13 @@ class AttentionShape:
     pages_per_seq: int
 
     @property
+    def decode_groups(self) -> int:
+        """Decode slots are bucketed in groups of 4 (the host puts the longest contexts first),
+        so one long sequence does not make every decode slot gather its context length."""
+        d = self.num_decode_slots
+        return d // 4 if d >= 8 and d % 4 == 0 else 1
+
+    @property
     def buckets(self) -> tuple[int, ...]:
         """Page counts the reference gathers, in sixteenths of pages_per_seq. Steps of at most
         half above 1/4 bound the overshoot of a live context to 1.5x; each bucket adds one
@@ -121,8 +128,12 @@ def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, 
         parts.append(o_c.reshape(c * p, h, dh))
     if d:
         branches = [functools.partial(_decode_attention, num_pages=n) for n in shape.buckets]
-        parts.append(jax.lax.switch(_pick_bucket(kv_lens[c:], shape), branches, q[c * p:],
-                                    k_pages, v_pages, kv_lens[c:], page_table[c:], layer))
+        size = d // shape.decode_groups
+        for g0 in range(0, d, size):
+            rows = slice(c + g0, c + g0 + size)
+            parts.append(jax.lax.switch(
+                _pick_bucket(kv_lens[rows], shape), branches, q[c * p + g0: c * p + g0 + size],
+                k_pages, v_pages, kv_lens[rows], page_table[rows], layer))
     return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
 

@@ -91,7 +91,9 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, num_global_slots: i
                 has, [seq.prompt_ids[j] if j < n_prompt else -1 for j in nxt], -1)
             want_prompt |= bool(has.any())
             chunk_rows.append((seq, i * p, work.start, work.length))
-    for j, seq in enumerate(out.decodes):
+    # Longest contexts first: the reference attention buckets decode slots in groups.
+    decodes = sorted(out.decodes, key=lambda q: -q.num_computed)
+    for j, seq in enumerate(decodes):
         fill(c + j, c * p + j, seq, seq.num_computed, 1, True)
 
     want_top = any(x.seq.payload.params.logprobs for x in sampled)

@@ -162,3 +162,18 @@ def test_engine_level_api_streams_tokens(llm):
     m = out.metrics
     assert m.arrival_time <= m.first_token_time <= m.finished_time
     assert len(m.token_times) == len(out.token_ids)
+
+
+def test_grouped_decode_buckets_match_dense_reference():
+    # 8 decode slots: the reference attention buckets them in 2 groups of 4 (longest contexts
+    # first), so a long sequence and short ones decode in the same step with different buckets.
+    llm = LLM.from_params(TINY, tiny_params(), strict_compiles=True, chunk_size=8,
+                          num_chunk_slots=2, max_decode_slots=8, page_size=4, max_model_len=64)
+    assert llm.engine.shape.decode_groups == 2
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, TINY.vocab_size, size=n).tolist()
+               for n in (55, 2, 3, 1, 40, 5, 9, 4, 30, 6)]
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 5), len(prompt)
