@@ -34,27 +34,37 @@ class SampleOutput:
     top_logprobs: jax.Array  # f32[S, K]
 
 
+def _sorted_keep(scaled: jax.Array, p: SamplingInputs) -> jax.Array:
+    """bool[S, V] in vocabulary order: the tokens top-k and top-p leave (needs a sort)."""
+    vocab = scaled.shape[-1]
+    order = jnp.argsort(-scaled, axis=-1)  # i32[S, V], most likely first
+    probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+    rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+    keep = rank < jnp.where(p.top_k > 0, p.top_k, vocab)[:, None]
+    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep &= (jnp.cumsum(probs, axis=-1) - probs < p.top_p[:, None]) | (rank == 0)
+    rows = jnp.arange(scaled.shape[0])[:, None]
+    return jnp.zeros_like(keep).at[rows, order].set(keep)
+
+
 def _filtered_sample(logits: jax.Array, p: SamplingInputs) -> jax.Array:
-    """Samples every row from its temperature-scaled, top-k/top-p/min-p filtered distribution."""
-    vocab = logits.shape[-1]
+    """Samples every row from its temperature-scaled, top-k/top-p/min-p filtered distribution.
+
+    Gumbel-max in vocabulary order, so a row's token depends only on its own logits, parameters
+    and key: whether the batch needed the sort (some other row's top-k/top-p) cannot change it.
+    """
     temp = jnp.where(p.temperature > 0, p.temperature, 1.0)
     scaled = logits / temp[:, None]
-    order = jnp.argsort(-scaled, axis=-1)  # i32[S, V], most likely first
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
-    k = jnp.where(p.top_k > 0, p.top_k, vocab)[:, None]
-    keep = rank < k
-    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < p.top_p[:, None]
-    keep &= probs >= p.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    keep = probs >= p.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    # The sort costs more than a decode step's matmuls on a CPU: only when a row asks for it.
+    needs_sort = jnp.any(p.top_k > 0) | jnp.any(p.top_p < 1)
+    keep &= jax.lax.cond(needs_sort, lambda: _sorted_keep(scaled, p),
+                         lambda: jnp.ones_like(keep))
+    masked = jnp.where(keep, scaled, -jnp.inf)
     keys = jax.vmap(lambda s, g: jax.random.fold_in(jax.random.PRNGKey(s), g))(
         p.seeds, p.gen_index)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
 
 def sample(logits: jax.Array, p: SamplingInputs, num_top: int, want_top: jax.Array = True

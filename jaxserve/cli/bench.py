@@ -71,6 +71,9 @@ flags.DEFINE_string("plot_out", None,
                     "Write ITL-over-time and ITL-CDF plots here (PNG; needs jaxserve[bench]).")
 jflags.define_engine_flags()
 jflags.define_sampling_flags()
+# Benchmarks decode greedily unless asked (as the engine issue's jobs do); --temperature=1 etc.
+# measure the sampling path.
+flags.FLAGS.set_default("temperature", 0.0)
 FLAGS = flags.FLAGS
 
 
