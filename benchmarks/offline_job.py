@@ -20,13 +20,6 @@ import time
 import numpy as np
 
 
-def bench_config():
-    from jaxserve.config import ModelConfig
-    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=768,
-                       intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
-                       head_dim=64, max_position_embeddings=2048)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -50,8 +43,10 @@ def main() -> None:
         from jaxserve.weights import load_model
         cfg, params = load_model(args.model)
     else:
+        from jaxserve.cli.make_bench_model import BENCH_HF_CONFIG
+        from jaxserve.config import ModelConfig
         from jaxserve.models import init_params
-        cfg = bench_config()
+        cfg = ModelConfig.from_hf_dict(BENCH_HF_CONFIG)
         params = init_params(cfg, seed=0)
     t_load = time.perf_counter() - t0
     opts = dict(chunk_size=args.chunk_size, num_chunk_slots=args.num_chunk_slots,
@@ -88,9 +83,9 @@ def main() -> None:
                      "decode_steps": sum(r.kind == "decode" for r in log)})
     med = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
     stats = llm.stats
-    flops = 2 * args.num_prompts * (args.input_len + args.output_len) * sum(
-        int(np.prod(x.shape)) for x in __import__("jax").tree_util.tree_leaves(params)
-        if x.ndim == 2 and x.shape[0] != cfg.vocab_size)
+    from jaxserve.bench.roofline import model_costs
+    flops = args.num_prompts * (args.input_len + args.output_len) * model_costs(
+        cfg, "float32")["body_flops_per_token"]
     print(f"{'start-up (load + compiles) s':<34}{t_startup:>10.2f}   (load {t_load:.2f})")
     print(f"{'job wall s (median of %d)' % args.repeats:<34}{med['wall_s']:>10.2f}")
     print(f"{'  steps with prefill chunks s':<34}{med['mixed_steps_s']:>10.2f}"
@@ -98,7 +93,7 @@ def main() -> None:
     print(f"{'  decode-only steps s':<34}{med['decode_steps_s']:>10.2f}"
           f"   ({med['decode_steps']} steps)")
     print(f"{'output tokens/s':<34}{args.num_prompts * args.output_len / med['wall_s']:>10.1f}")
-    print(f"{'non-embedding matmul GFLOP/s':<34}{flops / med['wall_s'] / 1e9:>10.1f}")
+    print(f"{'decoder-body GFLOP/s':<34}{flops / med['wall_s'] / 1e9:>10.1f}")
     print(f"{'useful-token fraction':<34}{stats['useful_token_fraction']:>10.3f}")
     print(f"{'executables / compiles after':<34}{stats['executables_compiled']:>10d}"
           f" / {stats['compiles_after_warmup']}")

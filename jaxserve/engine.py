@@ -100,7 +100,7 @@ class Engine:
         self._warm_up()
         self.startup_compile_s = time.perf_counter() - t0
         self._stats = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "scheduled_tokens": 0,
-                       "slot_tokens": 0, "preemptions": 0, "compiles_after_warmup": 0}
+                       "slot_tokens": 0, "preemptions": 0}
 
     def _compile(self, model_cfg: ModelConfig, cfg: EngineConfig):
         if self.placement is not None and self.backend != "xla":
@@ -198,7 +198,6 @@ class Engine:
             launched = self._launch()
             results = self._collect(self._inflight) if self._inflight else []
         self._inflight = launched
-        self._stats["compiles_after_warmup"] = self._counter.count
         if launched is None and not results and self.scheduler.has_unfinished():
             raise RuntimeError("scheduler made no progress with requests pending")
         return results
@@ -309,6 +308,7 @@ class Engine:
     def stats(self) -> dict:
         st = dict(self._stats)
         st["executables_compiled"] = self.executables.count
+        st["compiles_after_warmup"] = self._counter.count
         st["startup_compile_s"] = self.startup_compile_s
         st["useful_token_fraction"] = (
             st["scheduled_tokens"] / st["slot_tokens"] if st["slot_tokens"] else 0.0)

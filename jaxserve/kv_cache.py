@@ -42,10 +42,3 @@ def init_cache(model: ModelConfig, engine: EngineConfig, dtype, sharding=None) -
     if sharding is None:
         return make()
     return jax.jit(make, out_shardings=KVCache(k=sharding, v=sharding))()
-
-
-def cache_bytes(model: ModelConfig, engine: EngineConfig, dtype) -> int:
-    n = 1
-    for d in cache_shape(model, engine):
-        n *= d
-    return 2 * n * jnp.dtype(dtype).itemsize

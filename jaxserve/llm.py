@@ -43,6 +43,20 @@ def load_params(path: str, checkpoint: str | None, cfg: EngineConfig):
     return load_model(path, dtype=cfg.dtype, shardings=shardings)
 
 
+def run_to_completion(engine: Engine, total: int, *, progress: bool = True, **tqdm_kwargs
+                      ) -> dict[str, RequestOutput]:
+    """Steps `engine` until nothing is left; the finished outputs by request id."""
+    done: dict[str, RequestOutput] = {}
+    with tqdm(total=total, disable=not progress, desc="generate", unit="req",
+              **tqdm_kwargs) as bar:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+    return done
+
+
 class LLM:
     """Offline generation and scoring. `LLM()` loads the built-in demo model."""
 
@@ -105,13 +119,7 @@ class LLM:
             for rid in added:  # leave the engine as it was: all or nothing
                 self.engine.abort(rid)
             raise
-        done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
+        done = run_to_completion(self.engine, len(ids), progress=use_tqdm)
         return [done[rid] for rid in request_ids]
 
     def _inputs(self, prompts, prompt_token_ids) -> tuple[list[str | None], list[list[int]]]:

@@ -22,6 +22,10 @@ from jaxserve.models import init_params  # noqa: E402
 CFG = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=96, hidden_size=64,
                   intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
                   max_position_embeddings=64, attention_bias=True)
+HF_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 96, "hidden_size": 64,
+             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "head_dim": 8, "max_position_embeddings": 64,
+             "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
 OPTS = dict(chunk_size=8, num_chunk_slots=2, max_decode_slots=3, page_size=4, num_pages=40,
             max_model_len=64, max_logprobs=3, weight_layout="hf")
 
@@ -52,16 +56,12 @@ def run(mesh_shape: str) -> dict:
 
 def checkpoint_roundtrip(folder: str, mesh_shape: str) -> dict:
     """HF folder -> sharded load -> orbax save (sharded) -> restore into the mesh -> same tokens."""
-    import json as _json
     import tempfile
 
-    from jaxserve.weights import save_checkpoint, save_safetensors
-    save_safetensors(folder, init_params(CFG, seed=3))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        _json.dump({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 96, "hidden_size": 64,
-                    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
-                    "num_key_value_heads": 4, "head_dim": 8, "max_position_embeddings": 64,
-                    "rope_theta": 10000.0, "rms_norm_eps": 1e-6}, f)
+    from jaxserve.cli.make_bench_model import write_model
+    from jaxserve.weights import save_checkpoint
+    written = write_model(folder, HF_CONFIG, seed=3)
+    assert written == CFG, "HF_CONFIG and CFG must describe the same model"
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     prompts = [[1, 2, 3], list(range(20))]
     llm = LLM(folder, mesh_shape=mesh_shape, **OPTS)

@@ -17,11 +17,10 @@ import time
 
 import jax
 from absl import app, flags
-from tqdm.auto import tqdm
 
 from jaxserve.cli import flags as jflags
 from jaxserve.cli.prompt_file import PromptLine, parse_prompt_lines
-from jaxserve.llm import LLM
+from jaxserve.llm import LLM, run_to_completion
 from jaxserve.metrics import format_table, summarize
 
 flags.DEFINE_string("prompts", None, "JSONL prompt file (default: built-in demo prompts).")
@@ -71,13 +70,7 @@ def main(argv) -> None:
             errors[line.number] = str(e)
     for number, msg in sorted(errors.items()):
         print(f"line {number}: skipped: {msg}", file=sys.stderr)
-    done = {}
-    with tqdm(total=len(accepted), desc="generate", unit="req", file=sys.stderr) as bar:
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
+    done = run_to_completion(engine, len(accepted), file=sys.stderr)
     wall = time.perf_counter() - t0
     records = [_record(accepted[rid], out) for rid, out in done.items()]
     records += [{"line": n, "error": msg} for n, msg in errors.items()]
