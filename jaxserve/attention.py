@@ -2,7 +2,9 @@
 
 A step's queries are `C` chunk slots of `P` tokens followed by `D` decode tokens. The reference
 gathers each slot's pages and runs dense masked attention: chunk slots as [C, P, heads, ctx],
-decode slots as [D, heads, ctx]. It is the default on the CPU and the oracle for every kernel.
+decode slots as [D, heads, ctx]. It is the oracle for every kernel and runs on any platform
+(meshes included). On the CPU the default is `cpu`: decode rows through a native kernel that
+reads pages in place (jaxserve/native), chunk rows through the reference.
 
 Gathering `pages_per_seq` pages for every slot would make a short-context step pay for
 `max_model_len`; a `lax.switch` over a few context buckets (picked on device from the longest
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("xla", "pallas_tpu", "pallas_gpu")
+BACKENDS = ("xla", "cpu", "pallas_tpu", "pallas_gpu")
 _MASKED = -1e30  # finite, so a fully masked padding row gives zeros, never NaN
 
 
@@ -113,21 +115,28 @@ def _decode_attention(q, k_pages, v_pages, kv_lens, page_table, layer, num_pages
     return o.reshape(d, h, dh).astype(q.dtype)
 
 
+def _chunk_rows(q, k_pages, v_pages, positions, kv_lens, page_table, shape, layer):
+    """The reference for the chunk slots' rows: [C*P, H, Dh]."""
+    c, p = shape.num_chunk_slots, shape.chunk_len
+    _, h, dh = q.shape
+    branches = [functools.partial(_chunk_attention, num_pages=n) for n in shape.buckets]
+    o = jax.lax.switch(_pick_bucket(kv_lens[:c], shape), branches, q[: c * p].reshape(c, p, h, dh),
+                       k_pages, v_pages, positions[: c * p].reshape(c, p), kv_lens[:c],
+                       page_table[:c], layer)
+    return o.reshape(c * p, h, dh)
+
+
 def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table,
                         shape: AttentionShape, layer=None) -> jax.Array:
     """The XLA reference over a whole step: q [T, H, Dh] -> [T, H, Dh]. With `layer`, k/v_pages
     are the stacked [L, N, page, KVH, Dh] cache and pages are read from that layer in place."""
     del chunk_lens  # padding rows are masked through positions and kv_lens
     c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
-    t, h, dh = q.shape
-    assert t == c * p + d, (t, c, p, d)
+    assert q.shape[0] == c * p + d, (q.shape, c, p, d)
     parts = []
     if c:
-        q_c = q[: c * p].reshape(c, p, h, dh)
-        branches = [functools.partial(_chunk_attention, num_pages=n) for n in shape.buckets]
-        o_c = jax.lax.switch(_pick_bucket(kv_lens[:c], shape), branches, q_c, k_pages, v_pages,
-                             positions[: c * p].reshape(c, p), kv_lens[:c], page_table[:c], layer)
-        parts.append(o_c.reshape(c * p, h, dh))
+        parts.append(_chunk_rows(q, k_pages, v_pages, positions, kv_lens, page_table, shape,
+                                 layer))
     if d:
         branches = [functools.partial(_decode_attention, num_pages=n) for n in shape.buckets]
         size = d // shape.decode_groups
@@ -139,14 +148,37 @@ def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, 
     return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
 
+def native_cpu_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table,
+                         shape: AttentionShape, layer=None) -> jax.Array:
+    """The `cpu` backend: decode rows through the native kernel (jaxserve/native), which reads
+    the pages in place; chunk rows through the XLA reference, whose batched dots suit
+    hundreds of queries per slot (the kernel works one query row at a time)."""
+    from jaxserve.native.paged_attention import paged_attention_rows
+
+    del chunk_lens
+    c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
+    assert q.shape[0] == c * p + d, (q.shape, c, p, d)
+    parts = []
+    if c:
+        parts.append(_chunk_rows(q, k_pages, v_pages, positions, kv_lens, page_table, shape,
+                                 layer))
+    if d:
+        parts.append(paged_attention_rows(
+            q[c * p:], k_pages, v_pages, row_slot=jnp.arange(c, c + d), row_len=kv_lens[c:],
+            page_table=page_table, layer=layer))
+    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
 def resolve_backend(name: str, platform: str | None = None) -> str:
-    """`auto` picks by platform: TPU -> pallas_tpu, GPU -> pallas_gpu, otherwise xla."""
+    """`auto` picks by platform: TPU -> pallas_tpu, GPU -> pallas_gpu, CPU -> cpu (the native
+    kernel; the engine falls back to xla where it cannot be built), otherwise xla."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"attention={name!r} must be one of {('auto',) + BACKENDS}")
         return name
     platform = platform or jax.default_backend()
-    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "xla")
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu",
+            "cpu": "cpu"}.get(platform, "xla")
 
 
 _PALLAS_PLATFORMS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}
@@ -156,6 +188,13 @@ def attention_fn(backend: str, shape: AttentionShape, *, interpret: bool = False
     """The step's attention for `backend`; `interpret` runs a Pallas kernel on the CPU."""
     if backend == "xla":
         return functools.partial(reference_attention, shape=shape)
+    if backend == "cpu":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"attention='cpu' runs only on the CPU, but the default backend is "
+                             f"{jax.default_backend()!r}; use attention='auto'")
+        from jaxserve.native import build
+        build.load()  # raises NativeBuildError where the kernel cannot be built
+        return functools.partial(native_cpu_attention, shape=shape)
     if backend not in _PALLAS_PLATFORMS:
         raise ValueError(f"attention={backend!r} must be one of {BACKENDS}")
     platform = jax.default_backend()

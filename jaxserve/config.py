@@ -186,7 +186,7 @@ def _parse_hf_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-ATTENTION_BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+ATTENTION_BACKENDS = ("auto", "xla", "cpu", "pallas_tpu", "pallas_gpu")
 # hf: Hugging Face's [out, in] projections as loaded; fused_in_out: q/k/v and gate/up fused and
 # stored [in, out] (measured faster for XLA's CPU dot); auto: fused_in_out on the CPU, else hf.
 WEIGHT_LAYOUTS = ("auto", "hf", "fused", "fused_in_out")

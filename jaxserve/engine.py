@@ -23,6 +23,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_cache
 from jaxserve.models.functional import (abstract_params, resolve_layout, to_jnp_dtype,
                                         to_layout)
+from jaxserve.native.build import NativeBuildError
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
@@ -113,10 +114,11 @@ class Engine:
             interpret=cfg.pallas_interpret, num_top=self.num_top, placement=self.placement)
         try:
             return build(backend=self.backend)
-        except ValueError as e:
+        except (ValueError, NativeBuildError) as e:
             if cfg.attention != "auto" or self.backend == "xla":
                 raise
-            # auto chose a kernel whose shape rules this model breaks: fall back, say why.
+            # auto chose a kernel whose shape rules this model breaks, or the native CPU
+            # kernel cannot be built here (no compiler): fall back, say why.
             logging.warning("attention=auto: %s cannot serve this model (%s); using xla",
                             self.backend, e)
             self.backend = "xla"

@@ -1,0 +1,1 @@
+"""Native (C++) CPU kernels, called from jitted code through XLA's FFI."""

@@ -1,0 +1,276 @@
+// Paged attention for single query rows on the CPU, as an XLA FFI custom call.
+//
+// Why a native kernel: XLA's CPU backend gathers each decode slot's pages into a dense copy and
+// fuses that gather with the transpose its batched dot wants; on the 125M bench model that cost
+// more than the decode step's matmuls (measured: ~50 of ~92 ms per decode step). This kernel
+// reads K/V straight from the paged cache (no copy), once, with an online softmax over pages.
+//
+// q          [R, H, Dh]                 one query row per entry (decode tokens)
+// k/v_cache  [L, N, page, KVH, Dh]      the engine's stacked cache, read in place
+// row_slot   i32[R]                     row r reads page_table[row_slot[r]]
+// row_len    i32[R]                     keys row r sees (0: padding row, output zeros)
+// page_table i32[S, pages_per_seq]
+// layer      i32[]                      which layer of the stacked cache
+// attr scale f32                        softmax scale
+// out        [R, H, Dh]
+//
+// Work is split into (row, kv head) items over XLA's intra-op thread pool; the caller works
+// too, so the call finishes even if the pool never runs a task.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float load(const float* p) { return *p; }
+inline float load(const uint16_t* p) {  // bfloat16: the high half of a float32
+  uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store(float* p, float x) { *p = x; }
+inline void store(uint16_t* p, float x) {  // round to nearest even, as XLA converts
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if (std::isnan(x)) {
+    *p = 0x7fc0;
+    return;
+  }
+  bits += 0x7fff + ((bits >> 16) & 1);
+  *p = static_cast<uint16_t>(bits >> 16);
+}
+
+struct Dims {
+  int64_t heads, head_dim, kv_heads, num_pages, page_size, pages_per_seq, num_slots, layers;
+};
+
+// exp for the softmax: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf's
+// coefficients), ~1 ulp on the arguments softmax produces (<= 0); written so the compiler
+// vectorizes it, which libm's expf is not without -ffast-math (and that breaks -inf).
+inline float softmax_exp(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: a weight of nothing, never a denormal
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+// One work item: GB query heads (sharing kv head kvh) of one row attend to the row's keys,
+// page by page with an online softmax. GB and DH (head_dim; 0 = read it from d) are template
+// constants so that each key and value vector is loaded once for all GB heads and the head_dim
+// loops unroll into whole vectors (a runtime head_dim made the dot products 2-3x slower).
+template <int GB, int DH, typename T>
+void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
+                 const Dims& d, int32_t slot, int32_t len, float scale, int64_t row, int64_t kvh,
+                 int64_t head0, T* out, float* scratch) {
+  const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
+  float* qf = scratch;          // [GB, Dh]
+  float* acc = qf + GB * dh;    // [GB, Dh]
+  float* p = acc + GB * dh;     // [GB, page] this page's scores, then weights
+  float m[GB], l[GB];
+  for (int g = 0; g < GB; ++g) {
+    const T* src = q + (row * d.heads + head0 + g) * dh;
+    for (int64_t x = 0; x < dh; ++x) qf[g * dh + x] = load(src + x) * scale;
+    for (int64_t x = 0; x < dh; ++x) acc[g * dh + x] = 0.f;
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
+  }
+  const int64_t token_stride = d.kv_heads * dh;
+  const int64_t layer_base = layer * d.num_pages;
+  for (int64_t start = 0; start < len; start += ps) {
+    const int64_t page = page_table[slot * d.pages_per_seq + start / ps];
+    if (page < 0 || page >= d.num_pages) break;  // a corrupt table reads nothing out of bounds
+    const int64_t count = std::min<int64_t>(ps, len - start);
+    const int64_t base = ((layer_base + page) * ps) * token_stride + kvh * dh;
+    for (int64_t t = 0; t < count; ++t) {
+      const T* kp = kc + base + t * token_stride;
+      for (int g = 0; g < GB; ++g) {
+        const float* qg = qf + g * dh;
+        float sg = 0.f;
+#pragma omp simd reduction(+ : sg)
+        for (int64_t x = 0; x < dh; ++x) sg += qg[x] * load(kp + x);
+        p[g * ps + t] = sg;
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      float* pg = p + g * ps;
+      float block_max = pg[0];
+      for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, pg[t]);
+      const float new_max = std::max(m[g], block_max);
+      // First page: m = -inf, correction 0 (l and acc are 0 anyway).
+      const float correction = start == 0 ? 0.f : softmax_exp(m[g] - new_max);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < count; ++t) {
+        pg[t] = softmax_exp(pg[t] - new_max);
+        sum += pg[t];
+      }
+      l[g] = l[g] * correction + sum;
+      m[g] = new_max;
+      if (correction != 1.f) {
+        float* ag = acc + g * dh;
+#pragma omp simd
+        for (int64_t x = 0; x < dh; ++x) ag[x] *= correction;
+      }
+    }
+    for (int64_t t = 0; t < count; ++t) {
+      const T* vp = vc + base + t * token_stride;
+      float w[GB];
+      for (int g = 0; g < GB; ++g) w[g] = p[g * ps + t];
+#pragma omp simd
+      for (int64_t x = 0; x < dh; ++x) {
+        const float v = load(vp + x);
+        for (int g = 0; g < GB; ++g) acc[g * dh + x] += w[g] * v;
+      }
+    }
+  }
+  for (int g = 0; g < GB; ++g) {
+    T* dst = out + (row * d.heads + head0 + g) * dh;
+    const float inv = len > 0 ? 1.f / l[g] : 0.f;
+    for (int64_t x = 0; x < dh; ++x) store(dst + x, len > 0 ? acc[g * dh + x] * inv : 0.f);
+  }
+}
+
+// Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
+void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t total = 0;
+    std::function<void(int64_t)> fn;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto st = std::make_shared<State>();
+  st->total = total;
+  st->fn = std::move(fn);
+  auto work = [st]() {
+    int64_t mine = 0;
+    for (int64_t i; (i = st->next.fetch_add(1)) < st->total; ++mine) st->fn(i);
+    if (mine && st->done.fetch_add(mine) + mine == st->total) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));  // a copy: Schedule takes it by value
+  work();
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->cv.wait(lock, [&] { return st->done.load() == st->total; });
+}
+
+template <typename T>
+ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+               ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> row_slot,
+               ffi::Buffer<ffi::S32> row_len, ffi::Buffer<ffi::S32> page_table,
+               ffi::Buffer<ffi::S32> layer, float scale, ffi::Result<ffi::AnyBuffer> out) {
+  auto qd = q.dimensions();
+  auto cd = k_cache.dimensions();
+  auto pd = page_table.dimensions();
+  Dims d{qd[1], qd[2], cd[3], cd[1], cd[2], pd[1], pd[0], cd[0]};
+  const int64_t rows = qd[0];
+  const int64_t lyr = layer.typed_data()[0];
+  if (lyr < 0 || lyr >= d.layers) return ffi::Error::InvalidArgument("layer out of range");
+  const T* qp = reinterpret_cast<const T*>(q.untyped_data());
+  const T* kp = reinterpret_cast<const T*>(k_cache.untyped_data());
+  const T* vp = reinterpret_cast<const T*>(v_cache.untyped_data());
+  T* op = reinterpret_cast<T*>(out->untyped_data());
+  const int32_t* slots = row_slot.typed_data();
+  const int32_t* lens = row_len.typed_data();
+  const int32_t* table = page_table.typed_data();
+  const int64_t g_count = d.heads / d.kv_heads;
+  // Heads per work item: the largest of 4, 3, 2, 1 that divides the group (GQA ratio).
+  const int gb = g_count % 4 == 0 ? 4 : g_count % 3 == 0 ? 3 : g_count % 2 == 0 ? 2 : 1;
+  const int64_t blocks = d.heads / gb;  // work items per row
+  const int64_t scratch_size = gb * (2 * d.head_dim + d.page_size);
+  const int64_t max_len = d.pages_per_seq * d.page_size;
+  parallel_for(pool, rows * blocks, [&, scratch_size](int64_t i) {
+    const int64_t row = i / blocks, head0 = (i % blocks) * gb, kvh = head0 / g_count;
+    thread_local std::vector<float> scratch;
+    if (static_cast<int64_t>(scratch.size()) < scratch_size) scratch.resize(scratch_size);
+    const int32_t slot = slots[row];
+    // Out-of-range metadata reads nothing (a padding row), never memory past the cache.
+    const bool ok = slot >= 0 && slot < d.num_slots && lens[row] <= max_len;
+    const int32_t len = ok ? std::max(lens[row], 0) : 0;
+    float* sc = scratch.data();
+    auto item = [&](auto gb_tag, auto dh_tag) {
+      attend_item<decltype(gb_tag)::value, decltype(dh_tag)::value>(
+          qp, kp, vp, table, lyr, d, slot, len, scale, row, kvh, head0, op, sc);
+    };
+    auto with_dh = [&](auto gb_tag) {
+      switch (d.head_dim) {
+        case 64: return item(gb_tag, std::integral_constant<int, 64>());
+        case 128: return item(gb_tag, std::integral_constant<int, 128>());
+        default: return item(gb_tag, std::integral_constant<int, 0>());
+      }
+    };
+    switch (gb) {
+      case 4: with_dh(std::integral_constant<int, 4>()); break;
+      case 3: with_dh(std::integral_constant<int, 3>()); break;
+      case 2: with_dh(std::integral_constant<int, 2>()); break;
+      default: with_dh(std::integral_constant<int, 1>());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error paged_attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> row_slot,
+                           ffi::Buffer<ffi::S32> row_len, ffi::Buffer<ffi::S32> page_table,
+                           ffi::Buffer<ffi::S32> layer, float scale,
+                           ffi::Result<ffi::AnyBuffer> out) {
+  if (q.dimensions().size() != 3 || k_cache.dimensions().size() != 5 ||
+      page_table.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("paged_attention: q must be rank 3, caches rank 5");
+  if (q.element_type() != k_cache.element_type() || q.element_type() != v_cache.element_type())
+    return ffi::Error::InvalidArgument("paged_attention: q and caches must share a dtype");
+  switch (q.element_type()) {
+    case ffi::DataType::F32:
+      return run<float>(pool, q, k_cache, v_cache, row_slot, row_len, page_table, layer, scale,
+                        out);
+    case ffi::DataType::BF16:
+      return run<uint16_t>(pool, q, k_cache, v_cache, row_slot, row_len, page_table, layer,
+                           scale, out);
+    default:
+      return ffi::Error::InvalidArgument("paged_attention: dtype must be float32 or bfloat16");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedAttention, paged_attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>());
