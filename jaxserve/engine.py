@@ -23,6 +23,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_cache
 from jaxserve.models.functional import (abstract_params, resolve_layout, to_jnp_dtype,
                                         to_layout)
+from jaxserve.models.llama import rope_table
 from jaxserve.native.build import NativeBuildError
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request import Request
@@ -84,8 +85,10 @@ class Engine:
                                 self.placement.cache if self.placement else None)
         self.num_global_slots = cfg.num_chunk_slots + cfg.max_decode_slots
         self._prev_tokens = jnp.zeros((self.num_global_slots,), jnp.int32)
+        self._rope = rope_table(model_cfg.rope, model_cfg.head_dim, cfg.max_model_len, dtype)
         if self.placement:
             self._prev_tokens = jax.device_put(self._prev_tokens, self.placement.replicated)
+            self._rope = jax.device_put(self._rope, self.placement.replicated)
         self.scheduler = Scheduler(cfg)
         self.eos_ids = frozenset(model_cfg.eos_token_ids) | frozenset(
             getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -110,8 +113,8 @@ class Engine:
                                  f"(mesh_shape={cfg.mesh_shape!r}) yet: use attention='xla'")
             self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
         build = functools.partial(
-            compile_steps, model_cfg, self.layout, self.params, self.cache, self.shape,
-            interpret=cfg.pallas_interpret, num_top=self.num_top, placement=self.placement)
+            compile_steps, model_cfg, self.layout, self.params, self.cache, self._rope,
+            self.shape, interpret=cfg.pallas_interpret, num_top=self.num_top, placement=self.placement)
         try:
             return build(backend=self.backend)
         except (ValueError, NativeBuildError) as e:
@@ -130,7 +133,7 @@ class Engine:
         for exe, shape in ((self.executables.mixed, self.executables.mixed_shape),
                            (self.executables.decode_only, self.executables.decode_shape)):
             out, self.cache = exe(self.params, self.cache, example_batch(shape),
-                                  self._prev_tokens)
+                                  self._prev_tokens, self._rope)
             jax.block_until_ready(out)
 
     # -- requests --------------------------------------------------------------------------
@@ -219,7 +222,7 @@ class Engine:
         for seq in [c.seq for c in sched.chunks] + sched.decodes:
             if seq.payload.metrics.first_scheduled_time is None:
                 seq.payload.metrics.first_scheduled_time = now
-        out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens)
+        out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens, self._rope)
         self._prev_tokens = out.next_tokens
         self._count(mixed, sched.num_tokens, shape)
         for work in sched.chunks:

@@ -63,11 +63,12 @@ def _prompt_logprobs(model, hidden, targets, num_top):
     return jnp.where(targets >= 0, chosen, 0.0), top_ids.astype(jnp.int32), top_lp
 
 
-def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: jax.Array, *,
-            model_cfg: ModelConfig, layout: WeightLayout, shape: AttentionShape,
+def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: jax.Array,
+            rope: jax.Array, *, model_cfg: ModelConfig, layout: WeightLayout, shape: AttentionShape,
             num_global_slots: int, backend: str, interpret: bool, num_top: int
             ) -> tuple[StepOutput, KVCache]:
-    """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`."""
+    """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`;
+    `rope` the model's `rope_table` up to max_model_len (built once by the engine)."""
     model = bind(model_cfg, params, layout)
     token_ids = jnp.where(batch.prev_index >= 0,
                           prev_tokens[jnp.maximum(batch.prev_index, 0)], batch.token_ids)
@@ -84,7 +85,7 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
                          page_table=batch.page_table)
         return o, KVCache(k=kc, v=vc)
 
-    hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache)
+    hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache, rope)
     out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
                  batch.want_top_logprobs)
     # Slots are numbered globally (chunk slots of the mixed step first), so a decode-only step's
@@ -136,7 +137,7 @@ class StepExecutables:
 
 
 def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: KVCache,
-                  shape: AttentionShape, *, backend: str, interpret: bool, num_top: int,
+                  rope: jax.Array, shape: AttentionShape, *, backend: str, interpret: bool, num_top: int,
                   placement=None) -> StepExecutables:
     """Compiles both steps ahead of time; with a `sharding.Placement`, for its mesh."""
     decode_shape = dataclasses.replace(shape, num_chunk_slots=0)
@@ -152,10 +153,10 @@ def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: K
         if placement is not None:
             rep = placement.replicated
             cache_sh = KVCache(k=placement.cache, v=placement.cache)
-            shardings = dict(in_shardings=(placement.params, cache_sh, rep, rep),
+            shardings = dict(in_shardings=(placement.params, cache_sh, rep, rep, rep),
                              out_shardings=(rep, cache_sh))
         return jax.jit(fn, donate_argnums=(1,), **shardings).lower(
-            params, cache, example_batch(s), prev).compile()
+            params, cache, example_batch(s), prev, rope).compile()
 
     return StepExecutables(mixed=build(shape), decode_only=build(decode_shape),
                            mixed_shape=shape, decode_shape=decode_shape)

@@ -16,9 +16,12 @@ TIGHT = dict(chunk_size=8, num_chunk_slots=2, max_decode_slots=3, page_size=4, n
              max_model_len=64)
 
 
-@pytest.fixture(scope="module")
-def llm():
-    return LLM.from_params(TINY, tiny_params(), strict_compiles=True, max_logprobs=5, **TIGHT)
+@pytest.fixture(scope="module", params=["cpu", "xla"])
+def llm(request):
+    # cpu: the CPU default (decode rows through the native kernel); xla: the reference path
+    # that meshes and platforms without a kernel use.
+    return LLM.from_params(TINY, tiny_params(), strict_compiles=True, max_logprobs=5,
+                           attention=request.param, **TIGHT)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +171,8 @@ def test_grouped_decode_buckets_match_dense_reference():
     # 8 decode slots: the reference attention buckets them in 2 groups of 4 (longest contexts
     # first), so a long sequence and short ones decode in the same step with different buckets.
     llm = LLM.from_params(TINY, tiny_params(), strict_compiles=True, chunk_size=8,
-                          num_chunk_slots=2, max_decode_slots=8, page_size=4, max_model_len=64)
+                          num_chunk_slots=2, max_decode_slots=8, page_size=4, max_model_len=64,
+                          attention="xla")
     assert llm.engine.shape.decode_groups == 2
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, TINY.vocab_size, size=n).tolist()
