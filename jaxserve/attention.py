@@ -3,8 +3,8 @@
 A step's queries are `C` chunk slots of `P` tokens followed by `D` decode tokens. The reference
 gathers each slot's pages and runs dense masked attention: chunk slots as [C, P, heads, ctx],
 decode slots as [D, heads, ctx]. It is the oracle for every kernel and runs on any platform
-(meshes included). On the CPU the default is `cpu`: decode rows through a native kernel that
-reads pages in place (jaxserve/native), chunk rows through the reference.
+(meshes included). On the CPU the default is `cpu`: a native kernel that reads the pages in
+place (jaxserve/native), for chunk and decode rows alike.
 
 Gathering `pages_per_seq` pages for every slot would make a short-context step pay for
 `max_model_len`; a `lax.switch` over a few context buckets (picked on device from the longest
@@ -150,23 +150,21 @@ def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, 
 
 def native_cpu_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table,
                          shape: AttentionShape, layer=None) -> jax.Array:
-    """The `cpu` backend: decode rows through the native kernel (jaxserve/native), which reads
-    the pages in place; chunk rows through the XLA reference, whose batched dots suit
-    hundreds of queries per slot (the kernel works one query row at a time)."""
+    """The `cpu` backend: every row through the native kernel (jaxserve/native), which reads
+    the pages in place. A chunk row sees its sequence's keys up to its own position (causal),
+    a decode row its whole context; padding rows see none and come back as zeros."""
     from jaxserve.native.paged_attention import paged_attention_rows
 
-    del chunk_lens
     c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
     assert q.shape[0] == c * p + d, (q.shape, c, p, d)
-    parts = []
+    row_slot = np.concatenate([np.repeat(np.arange(c), p), np.arange(c, c + d)]).astype(np.int32)
+    row_len = kv_lens[c:]
     if c:
-        parts.append(_chunk_rows(q, k_pages, v_pages, positions, kv_lens, page_table, shape,
-                                 layer))
-    if d:
-        parts.append(paged_attention_rows(
-            q[c * p:], k_pages, v_pages, row_slot=jnp.arange(c, c + d), row_len=kv_lens[c:],
-            page_table=page_table, layer=layer))
-    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        live = (jnp.arange(p)[None, :] < chunk_lens[:, None]).reshape(-1)
+        causal = jnp.minimum(positions[: c * p] + 1, jnp.repeat(kv_lens[:c], p))
+        row_len = jnp.concatenate([jnp.where(live, causal, 0), row_len])
+    return paged_attention_rows(q, k_pages, v_pages, row_slot=row_slot, row_len=row_len,
+                                page_table=page_table, layer=layer)
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:

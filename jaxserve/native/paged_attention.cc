@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -155,6 +156,92 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
   }
 }
 
+// Rows that share a slot (a prefill chunk's tokens) are worked kBlockRows at a time, so each
+// page is read and transposed once for all their query heads instead of once per row.
+constexpr int kBlockRows = 8;
+
+// nb (2..kBlockRows) consecutive rows of one slot, row r seeing its first lens[r] keys (a causal
+// chunk: lens grow by one per row), GB heads each. Scores for a page are a small matrix product
+// against the page's keys transposed to [Dh, page], which vectorizes across the page's tokens
+// instead of reducing across head_dim once per (query, key) pair.
+template <int GB, int DH, typename T>
+void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
+                  const Dims& d, int32_t slot, const int32_t* lens, int nb, float scale,
+                  int64_t row0, int64_t kvh, int64_t head0, T* out, float* scratch) {
+  const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
+  const int nq = nb * GB;  // query vectors; i = r * GB + g
+  float* qf = scratch;          // [nq, Dh]
+  float* acc = qf + nq * dh;    // [nq, Dh]
+  float* kt = acc + nq * dh;    // [Dh, page] this page's keys, transposed
+  float* p = kt + dh * ps;      // [nq, page] scores, then weights
+  float m[kBlockRows * GB], l[kBlockRows * GB];
+  int32_t max_len = 0;
+  for (int r = 0; r < nb; ++r) max_len = std::max(max_len, lens[r]);
+  for (int i = 0; i < nq; ++i) {
+    const T* src = q + ((row0 + i / GB) * d.heads + head0 + i % GB) * dh;
+    for (int64_t x = 0; x < dh; ++x) qf[i * dh + x] = load(src + x) * scale;
+    for (int64_t x = 0; x < dh; ++x) acc[i * dh + x] = 0.f;
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0.f;
+  }
+  const int64_t token_stride = d.kv_heads * dh;
+  const int64_t layer_base = layer * d.num_pages;
+  for (int64_t start = 0; start < max_len; start += ps) {
+    const int64_t page = page_table[slot * d.pages_per_seq + start / ps];
+    if (page < 0 || page >= d.num_pages) break;
+    const int64_t count = std::min<int64_t>(ps, max_len - start);
+    const int64_t base = ((layer_base + page) * ps) * token_stride + kvh * dh;
+    for (int64_t t = 0; t < count; ++t) {
+      const T* kp = kc + base + t * token_stride;
+      for (int64_t x = 0; x < dh; ++x) kt[x * ps + t] = load(kp + x);
+    }
+    for (int i = 0; i < nq; ++i) {
+      float* pi = p + i * ps;
+      for (int64_t t = 0; t < count; ++t) pi[t] = 0.f;
+      const float* qi = qf + i * dh;
+      for (int64_t x = 0; x < dh; ++x) {
+        const float qx = qi[x];
+        const float* ktx = kt + x * ps;
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) pi[t] += qx * ktx[t];
+      }
+    }
+    for (int i = 0; i < nq; ++i) {
+      const int64_t n = std::clamp<int64_t>(lens[i / GB] - start, 0, count);
+      if (n == 0) continue;  // this row's causal limit ends before the page
+      float* pi = p + i * ps;
+      float block_max = pi[0];
+      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, pi[t]);
+      const float new_max = std::max(m[i], block_max);
+      const float correction = start == 0 ? 0.f : softmax_exp(m[i] - new_max);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        pi[t] = softmax_exp(pi[t] - new_max);
+        sum += pi[t];
+      }
+      l[i] = l[i] * correction + sum;
+      m[i] = new_max;
+      float* ai = acc + i * dh;
+      if (correction != 1.f) {
+#pragma omp simd
+        for (int64_t x = 0; x < dh; ++x) ai[x] *= correction;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float w = pi[t];
+        const T* vp = vc + base + t * token_stride;
+#pragma omp simd
+        for (int64_t x = 0; x < dh; ++x) ai[x] += w * load(vp + x);
+      }
+    }
+  }
+  for (int i = 0; i < nq; ++i) {
+    T* dst = out + ((row0 + i / GB) * d.heads + head0 + i % GB) * dh;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    for (int64_t x = 0; x < dh; ++x) store(dst + x, acc[i * dh + x] * inv);
+  }
+}
+
 // Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
 void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
   struct State {
@@ -205,21 +292,42 @@ ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   const int64_t g_count = d.heads / d.kv_heads;
   // Heads per work item: the largest of 4, 3, 2, 1 that divides the group (GQA ratio).
   const int gb = g_count % 4 == 0 ? 4 : g_count % 3 == 0 ? 3 : g_count % 2 == 0 ? 2 : 1;
-  const int64_t blocks = d.heads / gb;  // work items per row
-  const int64_t scratch_size = gb * (2 * d.head_dim + d.page_size);
+  const int64_t head_blocks = d.heads / gb;
   const int64_t max_len = d.pages_per_seq * d.page_size;
-  parallel_for(pool, rows * blocks, [&, scratch_size](int64_t i) {
-    const int64_t row = i / blocks, head0 = (i % blocks) * gb, kvh = head0 / g_count;
+  // Valid lengths: out-of-range metadata reads nothing (a padding row), never memory past the
+  // cache. Then runs of rows on one slot become blocks of up to kBlockRows.
+  std::vector<int32_t> len(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool ok = slots[r] >= 0 && slots[r] < d.num_slots && lens[r] <= max_len;
+    len[r] = ok ? std::max(lens[r], 0) : 0;
+  }
+  std::vector<std::pair<int64_t, int>> blocks;  // (first row, rows)
+  for (int64_t r = 0; r < rows;) {
+    int nb = 1;
+    while (len[r] > 0 && nb < kBlockRows && r + nb < rows && len[r + nb] > 0 &&
+           slots[r + nb] == slots[r])
+      ++nb;
+    blocks.emplace_back(r, nb);
+    r += nb;
+  }
+  const int64_t scratch_size =
+      gb * kBlockRows * (2 * d.head_dim + d.page_size) + d.head_dim * d.page_size;
+  parallel_for(pool, blocks.size() * head_blocks, [&, scratch_size](int64_t i) {
+    const auto [row, nb] = blocks[i / head_blocks];
+    const int64_t head0 = (i % head_blocks) * gb, kvh = head0 / g_count;
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_size) scratch.resize(scratch_size);
     const int32_t slot = slots[row];
-    // Out-of-range metadata reads nothing (a padding row), never memory past the cache.
-    const bool ok = slot >= 0 && slot < d.num_slots && lens[row] <= max_len;
-    const int32_t len = ok ? std::max(lens[row], 0) : 0;
     float* sc = scratch.data();
     auto item = [&](auto gb_tag, auto dh_tag) {
-      attend_item<decltype(gb_tag)::value, decltype(dh_tag)::value>(
-          qp, kp, vp, table, lyr, d, slot, len, scale, row, kvh, head0, op, sc);
+      constexpr int GB = decltype(gb_tag)::value, DH = decltype(dh_tag)::value;
+      if (nb == 1) {
+        attend_item<GB, DH>(qp, kp, vp, table, lyr, d, slot, len[row], scale, row, kvh, head0,
+                            op, sc);
+      } else {
+        attend_block<GB, DH>(qp, kp, vp, table, lyr, d, slot, &len[row], nb, scale, row, kvh,
+                             head0, op, sc);
+      }
     };
     auto with_dh = [&](auto gb_tag) {
       switch (d.head_dim) {
