@@ -157,23 +157,27 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
 }
 
 // Rows that share a slot (a prefill chunk's tokens) are worked kBlockRows at a time, so each
-// page is read and transposed once for all their query heads instead of once per row.
-constexpr int kBlockRows = 8;
+// key is read and transposed once for all their query heads instead of once per row.
+constexpr int kBlockRows = 16;
+// Keys per softmax update in a block: several pages at once, so the per-update work (rescaling
+// the accumulators, the running max) is paid once per 64 keys, not once per page.
+constexpr int kKeyBlock = 64;
 
 // nb (2..kBlockRows) consecutive rows of one slot, row r seeing its first lens[r] keys (a causal
-// chunk: lens grow by one per row), GB heads each. Scores for a page are a small matrix product
-// against the page's keys transposed to [Dh, page], which vectorizes across the page's tokens
-// instead of reducing across head_dim once per (query, key) pair.
+// chunk: lens grow by one per row), GB heads each. Scores for a key block are a small matrix
+// product against the keys transposed to [Dh, kKeyBlock], which vectorizes across keys instead
+// of reducing across head_dim once per (query, key) pair.
 template <int GB, int DH, typename T>
 void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
                   const Dims& d, int32_t slot, const int32_t* lens, int nb, float scale,
                   int64_t row0, int64_t kvh, int64_t head0, T* out, float* scratch) {
+  constexpr int KB = kKeyBlock;
   const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
   const int nq = nb * GB;  // query vectors; i = r * GB + g
   float* qf = scratch;          // [nq, Dh]
   float* acc = qf + nq * dh;    // [nq, Dh]
-  float* kt = acc + nq * dh;    // [Dh, page] this page's keys, transposed
-  float* p = kt + dh * ps;      // [nq, page] scores, then weights
+  float* kt = acc + nq * dh;    // [Dh, KB] this block's keys, transposed
+  float* vb = kt + dh * KB;     // [KB, Dh] this block's values, contiguous
   float m[kBlockRows * GB], l[kBlockRows * GB];
   int32_t max_len = 0;
   for (int r = 0; r < nb; ++r) max_len = std::max(max_len, lens[r]);
@@ -186,53 +190,63 @@ void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_tabl
   }
   const int64_t token_stride = d.kv_heads * dh;
   const int64_t layer_base = layer * d.num_pages;
-  for (int64_t start = 0; start < max_len; start += ps) {
-    const int64_t page = page_table[slot * d.pages_per_seq + start / ps];
-    if (page < 0 || page >= d.num_pages) break;
-    const int64_t count = std::min<int64_t>(ps, max_len - start);
-    const int64_t base = ((layer_base + page) * ps) * token_stride + kvh * dh;
+  for (int64_t start = 0; start < max_len; start += KB) {
+    int64_t count = std::min<int64_t>(KB, max_len - start);
     for (int64_t t = 0; t < count; ++t) {
-      const T* kp = kc + base + t * token_stride;
-      for (int64_t x = 0; x < dh; ++x) kt[x * ps + t] = load(kp + x);
-    }
-    for (int i = 0; i < nq; ++i) {
-      float* pi = p + i * ps;
-      for (int64_t t = 0; t < count; ++t) pi[t] = 0.f;
-      const float* qi = qf + i * dh;
-      for (int64_t x = 0; x < dh; ++x) {
-        const float qx = qi[x];
-        const float* ktx = kt + x * ps;
-#pragma omp simd
-        for (int64_t t = 0; t < count; ++t) pi[t] += qx * ktx[t];
+      const int64_t pos = start + t;
+      const int64_t page = page_table[slot * d.pages_per_seq + pos / ps];
+      if (page < 0 || page >= d.num_pages) {  // a corrupt table reads nothing out of bounds
+        count = t;
+        break;
       }
+      const int64_t off = (((layer_base + page) * ps) + pos % ps) * token_stride + kvh * dh;
+      const T* kp = kc + off;
+      const T* vp = vc + off;
+      for (int64_t x = 0; x < dh; ++x) kt[x * KB + t] = load(kp + x);
+      for (int64_t x = 0; x < dh; ++x) vb[t * dh + x] = load(vp + x);
     }
+    if (count == 0) break;
+    for (int64_t x = 0; x < dh; ++x)  // the tail may hold stale (NaN) keys: zero it
+      for (int64_t t = count; t < KB; ++t) kt[x * KB + t] = 0.f;
     for (int i = 0; i < nq; ++i) {
       const int64_t n = std::clamp<int64_t>(lens[i / GB] - start, 0, count);
-      if (n == 0) continue;  // this row's causal limit ends before the page
-      float* pi = p + i * ps;
-      float block_max = pi[0];
-      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, pi[t]);
+      if (n == 0) continue;  // this row's causal limit ends before the block
+      float s[KB];  // scores, then weights (in memory: indexed by n below)
+      {
+        float r[KB] = {};  // registers: only ever indexed by constants after unrolling
+        const float* qi = qf + i * dh;
+        for (int64_t x = 0; x < dh; ++x) {
+          const float qx = qi[x];
+          const float* ktx = kt + x * KB;
+#pragma omp simd
+          for (int t = 0; t < KB; ++t) r[t] += qx * ktx[t];
+        }
+        std::memcpy(s, r, sizeof s);
+      }
+      float block_max = s[0];
+      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, s[t]);
       const float new_max = std::max(m[i], block_max);
       const float correction = start == 0 ? 0.f : softmax_exp(m[i] - new_max);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {
-        pi[t] = softmax_exp(pi[t] - new_max);
-        sum += pi[t];
+      for (int t = 0; t < KB; ++t) {
+        s[t] = t < n ? softmax_exp(s[t] - new_max) : 0.f;
+        sum += s[t];
       }
       l[i] = l[i] * correction + sum;
       m[i] = new_max;
-      float* ai = acc + i * dh;
-      if (correction != 1.f) {
-#pragma omp simd
-        for (int64_t x = 0; x < dh; ++x) ai[x] *= correction;
-      }
+      // The accumulator in a local array: registers when DH is a constant (through the
+      // scratch pointer the compiler must assume it aliases the cache and reload it per key).
+      float local[DH ? DH : 1];
+      float* ai = DH ? local : acc + i * dh;
+      for (int64_t x = 0; x < dh; ++x) ai[x] = acc[i * dh + x] * correction;
       for (int64_t t = 0; t < n; ++t) {
-        const float w = pi[t];
-        const T* vp = vc + base + t * token_stride;
+        const float w = s[t];
+        const float* vt = vb + t * dh;
 #pragma omp simd
-        for (int64_t x = 0; x < dh; ++x) ai[x] += w * load(vp + x);
+        for (int64_t x = 0; x < dh; ++x) ai[x] += w * vt[x];
       }
+      if (DH) std::memcpy(acc + i * dh, ai, sizeof(float) * dh);
     }
   }
   for (int i = 0; i < nq; ++i) {
@@ -310,8 +324,8 @@ ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
     blocks.emplace_back(r, nb);
     r += nb;
   }
-  const int64_t scratch_size =
-      gb * kBlockRows * (2 * d.head_dim + d.page_size) + d.head_dim * d.page_size;
+  const int64_t scratch_size = std::max(gb * kBlockRows * 2 * d.head_dim + 2 * d.head_dim * kKeyBlock,
+                                        gb * (2 * d.head_dim + d.page_size));
   parallel_for(pool, blocks.size() * head_blocks, [&, scratch_size](int64_t i) {
     const auto [row, nb] = blocks[i / head_blocks];
     const int64_t head0 = (i % head_blocks) * gb, kvh = head0 / g_count;
