@@ -106,18 +106,46 @@ def test_argument_errors_name_the_problem():
         paged_attention_rows(case.q[:, :2], case.k_pages[None], case.v_pages[None], **kw)
 
 
-def test_cpu_backend_step_matches_reference_with_chunks_and_decodes():
-    # The whole-step `cpu` backend: chunk rows through the reference, decode rows natively.
-    case = make_step_case(np.random.default_rng(6), chunks=[(5, 9), (0, 0)], chunk_len=8,
-                          decodes=[7, 0, 30], page_size=4, pages_per_seq=8, num_heads=4,
-                          num_kv_heads=2, head_dim=16)
-    shape = AttentionShape(2, 8, 3, 4, 8)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size,chunk_len", [
+    (4, 2, 16, 4, 8),      # GQA 2, small pages: a 64-key block spans 16 pages
+    (6, 2, 64, 16, 40),    # GQA 3 (the bench model), chunks of 40 rows: blocks of 16 + a tail
+    (8, 8, 128, 32, 24),   # MHA, head_dim 128, pages larger than a row block
+    (8, 1, 32, 128, 20),   # MQA, pages larger than a key block
+])
+def test_cpu_backend_step_matches_reference(num_heads, num_kv_heads, head_dim, page_size,
+                                            chunk_len):
+    # The whole-step `cpu` backend: chunk rows (causal, in blocks) and decode rows, ragged,
+    # empty slots, partial last pages and NaN everywhere nobody owns.
+    p = chunk_len
+    chunks = [(p, p), (p - 3, 2 * p + 5), (0, 0), (1, 70), (p, 130)]
+    decodes = [7, 0, 130, 1]
+    pages_per_seq = -(-130 // page_size)
+    case = make_step_case(np.random.default_rng(6), chunks=chunks, chunk_len=p,
+                          decodes=decodes, page_size=page_size, pages_per_seq=pages_per_seq,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    shape = AttentionShape(len(chunks), p, len(decodes), page_size, pages_per_seq)
     ref = jax.jit(functools.partial(reference_attention, shape=shape))(
         case.q, case.k_pages, case.v_pages, **case.kwargs())
-    got = jax.jit(attention_fn("cpu", shape))(case.q, case.k_pages, case.v_pages,
-                                              **case.kwargs())
+    got = np.asarray(jax.jit(attention_fn("cpu", shape))(case.q, case.k_pages, case.v_pages,
+                                                         **case.kwargs()))
     live = case.live_rows
-    np.testing.assert_allclose(np.asarray(got)[live], np.asarray(ref)[live], atol=1e-5)
+    np.testing.assert_allclose(got[live], np.asarray(ref)[live], atol=2e-5, rtol=1e-5)
+    assert np.all(got[~live] == 0), "padding rows come back as zeros"
+
+
+def test_cpu_backend_bfloat16_step():
+    case = make_step_case(np.random.default_rng(7), chunks=[(20, 45), (5, 5)], chunk_len=20,
+                          decodes=[33, 2], page_size=8, pages_per_seq=6, num_heads=6,
+                          num_kv_heads=2, head_dim=64)
+    shape = AttentionShape(2, 20, 2, 8, 6)
+    f32 = lambda x: jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    ref = reference_attention(f32(case.q), f32(case.k_pages), f32(case.v_pages), shape=shape,
+                              **case.kwargs())
+    bf = [jnp.asarray(x, jnp.bfloat16) for x in (case.q, case.k_pages, case.v_pages)]
+    got = attention_fn("cpu", shape)(*bf, **case.kwargs())
+    live = case.live_rows
+    np.testing.assert_allclose(np.asarray(got, np.float32)[live], np.asarray(ref)[live],
+                               atol=2e-2)
 
 
 def test_auto_falls_back_to_xla_when_the_kernel_cannot_be_built(monkeypatch, caplog):
