@@ -1,21 +1,24 @@
-// Paged attention for single query rows on the CPU, as an XLA FFI custom call.
+// Paged attention on the CPU, as an XLA FFI custom call: every query row of a step (prefill
+// chunk rows and decode rows alike) attends to its sequence's keys, read from the paged cache.
 //
-// Why a native kernel: XLA's CPU backend gathers each decode slot's pages into a dense copy and
-// fuses that gather with the transpose its batched dot wants; on the 125M bench model that cost
-// more than the decode step's matmuls (measured: ~50 of ~92 ms per decode step). This kernel
-// reads K/V straight from the paged cache (no copy), once, with an online softmax over pages.
+// Why a native kernel: XLA's CPU backend gathers each slot's pages into a dense copy and fuses
+// that gather with the transpose its batched dot wants; on the 125M bench model that cost more
+// than the decode step's matmuls (measured: ~50 of ~92 ms per decode step). This kernel reads
+// K/V in place, only up to each row's length, with an online softmax.
 //
-// q          [R, H, Dh]                 one query row per entry (decode tokens)
+// q          [R, H, Dh]                 query rows
 // k/v_cache  [L, N, page, KVH, Dh]      the engine's stacked cache, read in place
 // row_slot   i32[R]                     row r reads page_table[row_slot[r]]
-// row_len    i32[R]                     keys row r sees (0: padding row, output zeros)
+// row_len    i32[R]                     keys row r sees: position + 1 for a chunk row (causal),
+//                                       the context for a decode row, 0 for padding (zeros out)
 // page_table i32[S, pages_per_seq]
 // layer      i32[]                      which layer of the stacked cache
 // attr scale f32                        softmax scale
 // out        [R, H, Dh]
 //
-// Work is split into (row, kv head) items over XLA's intra-op thread pool; the caller works
-// too, so the call finishes even if the pool never runs a task.
+// Work items: a row alone (decode) or a block of up to kBlockRows consecutive rows of one slot
+// (a chunk), times a block of query heads sharing a KV head. They run on XLA's intra-op thread
+// pool and on the calling thread, so the call finishes even if the pool never runs a task.
 
 #include <algorithm>
 #include <atomic>
