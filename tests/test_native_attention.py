@@ -169,3 +169,11 @@ def test_build_error_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(build.NativeBuildError, match="no-such-compiler"):
         build.library_path()
+
+
+def test_build_error_when_the_cache_is_not_writable(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(build.NativeBuildError, match="JAXSERVE_CACHE_DIR"):
+        build.library_path()

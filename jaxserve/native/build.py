@@ -23,9 +23,10 @@ from pathlib import Path
 import jax
 import jaxlib
 
-_SOURCES = ("paged_attention.cc",)
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC",
-          "-shared")
+# Compiled in parallel (one process each), then linked: the kernels' instantiations dominate.
+_SOURCES = ("paged_attention.cc", "paged_attention_f32.cc", "paged_attention_bf16.cc")
+_HEADERS = ("paged_attention_kernels.h",)
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
 TARGETS = {"jaxserve_paged_attention": "JaxservePagedAttention"}
 
 
@@ -63,24 +64,41 @@ def library_path() -> Path:
     except (OSError, subprocess.CalledProcessError) as e:
         raise NativeBuildError(f"{cxx} --version failed: {e}") from e
     key = hashlib.sha256()
-    for part in ([(here / s).read_bytes() for s in _SOURCES]
+    for part in ([(here / s).read_bytes() for s in _SOURCES + _HEADERS]
                  + [s.encode() for s in (version, " ".join(_FLAGS), jaxlib.__version__,
                                          platform.machine(), _cpu_id())]):
         key.update(part)
     out = _cache_dir() / f"jaxserve_native_{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build to a temporary name and rename: two processes starting at once both succeed.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *[str(here / s) for s in _SOURCES],
-           "-o", tmp]
-    logging.info("jaxserve: compiling native CPU kernels: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build to a temporary name and rename: two processes starting at once both succeed.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        raise NativeBuildError(f"cannot write the kernel cache {out.parent} ({e}); set "
+                               f"JAXSERVE_CACHE_DIR to a writable folder") from e
+    objects = [f"{tmp}.{i}.o" for i in range(len(_SOURCES))]
+    compiles = [[cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(here / src), "-o", obj]
+                for src, obj in zip(_SOURCES, objects)]
+    logging.info("jaxserve: compiling the native CPU kernels (once per machine): %s",
+                 " ".join(compiles[0]))
+    try:
+        procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in compiles]
+        errors = [p.communicate()[1] for p in procs]
+        failed = [e for p, e in zip(procs, errors) if p.returncode != 0]
+        if not failed:
+            link = subprocess.run([cxx, "-shared", *objects, "-o", tmp], capture_output=True,
+                                  text=True)
+            failed = [link.stderr] if link.returncode != 0 else []
+    finally:
+        for obj in objects:
+            if os.path.exists(obj):
+                os.unlink(obj)
+    if failed:
         os.unlink(tmp)
-        raise NativeBuildError(f"compiling the native CPU kernels failed:\n{proc.stderr[-4000:]}")
+        raise NativeBuildError(f"compiling the native CPU kernels failed:\n{failed[0][-4000:]}")
     os.replace(tmp, out)
     return out
 
@@ -89,7 +107,17 @@ def library_path() -> Path:
 def load() -> None:
     """Builds (once), loads and registers every native kernel with XLA for the CPU platform.
     Raises NativeBuildError if that is not possible; the caller falls back to XLA."""
-    lib = ctypes.cdll.LoadLibrary(str(library_path()))
+    path = library_path()
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+        raise NativeBuildError(f"cannot load {path}: {e}") from e
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
+
+
+if __name__ == "__main__":
+    # `python -m jaxserve.native.build`: build now (e.g. in an image) rather than at first use.
+    logging.basicConfig(level=logging.INFO)
+    print(library_path())

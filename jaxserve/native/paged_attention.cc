@@ -22,242 +22,18 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <functional>
-#include <limits>
 #include <memory>
 #include <mutex>
-#include <type_traits>
-#include <utility>
-#include <vector>
 
+#include "paged_attention_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-inline float load(const float* p) { return *p; }
-inline float load(const uint16_t* p) {  // bfloat16: the high half of a float32
-  uint32_t bits = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline void store(float* p, float x) { *p = x; }
-inline void store(uint16_t* p, float x) {  // round to nearest even, as XLA converts
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if (std::isnan(x)) {
-    *p = 0x7fc0;
-    return;
-  }
-  bits += 0x7fff + ((bits >> 16) & 1);
-  *p = static_cast<uint16_t>(bits >> 16);
-}
-
-struct Dims {
-  int64_t heads, head_dim, kv_heads, num_pages, page_size, pages_per_seq, num_slots, layers;
-};
-
-// exp for the softmax: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf's
-// coefficients), ~1 ulp on the arguments softmax produces (<= 0); written so the compiler
-// vectorizes it, which libm's expf is not without -ffast-math (and that breaks -inf).
-inline float softmax_exp(float x) {
-  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: a weight of nothing, never a denormal
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
-// One work item: GB query heads (sharing kv head kvh) of one row attend to the row's keys,
-// page by page with an online softmax. GB and DH (head_dim; 0 = read it from d) are template
-// constants so that each key and value vector is loaded once for all GB heads and the head_dim
-// loops unroll into whole vectors (a runtime head_dim made the dot products 2-3x slower).
-template <int GB, int DH, typename T>
-void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
-                 const Dims& d, int32_t slot, int32_t len, float scale, int64_t row, int64_t kvh,
-                 int64_t head0, T* out, float* scratch) {
-  const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
-  float* qf = scratch;          // [GB, Dh]
-  float* acc = qf + GB * dh;    // [GB, Dh]
-  float* p = acc + GB * dh;     // [GB, page] this page's scores, then weights
-  float m[GB], l[GB];
-  for (int g = 0; g < GB; ++g) {
-    const T* src = q + (row * d.heads + head0 + g) * dh;
-    for (int64_t x = 0; x < dh; ++x) qf[g * dh + x] = load(src + x) * scale;
-    for (int64_t x = 0; x < dh; ++x) acc[g * dh + x] = 0.f;
-    m[g] = -std::numeric_limits<float>::infinity();
-    l[g] = 0.f;
-  }
-  const int64_t token_stride = d.kv_heads * dh;
-  const int64_t layer_base = layer * d.num_pages;
-  for (int64_t start = 0; start < len; start += ps) {
-    const int64_t page = page_table[slot * d.pages_per_seq + start / ps];
-    if (page < 0 || page >= d.num_pages) break;  // a corrupt table reads nothing out of bounds
-    const int64_t count = std::min<int64_t>(ps, len - start);
-    const int64_t base = ((layer_base + page) * ps) * token_stride + kvh * dh;
-    for (int64_t t = 0; t < count; ++t) {
-      const T* kp = kc + base + t * token_stride;
-      for (int g = 0; g < GB; ++g) {
-        const float* qg = qf + g * dh;
-        float sg = 0.f;
-#pragma omp simd reduction(+ : sg)
-        for (int64_t x = 0; x < dh; ++x) sg += qg[x] * load(kp + x);
-        p[g * ps + t] = sg;
-      }
-    }
-    for (int g = 0; g < GB; ++g) {
-      float* pg = p + g * ps;
-      float block_max = pg[0];
-      for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, pg[t]);
-      const float new_max = std::max(m[g], block_max);
-      // First page: m = -inf, correction 0 (l and acc are 0 anyway).
-      const float correction = start == 0 ? 0.f : softmax_exp(m[g] - new_max);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < count; ++t) {
-        pg[t] = softmax_exp(pg[t] - new_max);
-        sum += pg[t];
-      }
-      l[g] = l[g] * correction + sum;
-      m[g] = new_max;
-      if (correction != 1.f) {
-        float* ag = acc + g * dh;
-#pragma omp simd
-        for (int64_t x = 0; x < dh; ++x) ag[x] *= correction;
-      }
-    }
-    for (int64_t t = 0; t < count; ++t) {
-      const T* vp = vc + base + t * token_stride;
-      float w[GB];
-      for (int g = 0; g < GB; ++g) w[g] = p[g * ps + t];
-#pragma omp simd
-      for (int64_t x = 0; x < dh; ++x) {
-        const float v = load(vp + x);
-        for (int g = 0; g < GB; ++g) acc[g * dh + x] += w[g] * v;
-      }
-    }
-  }
-  for (int g = 0; g < GB; ++g) {
-    T* dst = out + (row * d.heads + head0 + g) * dh;
-    const float inv = len > 0 ? 1.f / l[g] : 0.f;
-    for (int64_t x = 0; x < dh; ++x) store(dst + x, len > 0 ? acc[g * dh + x] * inv : 0.f);
-  }
-}
-
-// Rows that share a slot (a prefill chunk's tokens) are worked kBlockRows at a time, so each
-// key is read and transposed once for all their query heads instead of once per row.
-constexpr int kBlockRows = 16;
-// Keys per softmax update in a block: several pages at once, so the per-update work (rescaling
-// the accumulators, the running max) is paid once per 64 keys, not once per page.
-constexpr int kKeyBlock = 64;
-
-// nb (2..kBlockRows) consecutive rows of one slot, row r seeing its first lens[r] keys (a causal
-// chunk: lens grow by one per row), GB heads each. Scores for a key block are a small matrix
-// product against the keys transposed to [Dh, kKeyBlock], which vectorizes across keys instead
-// of reducing across head_dim once per (query, key) pair.
-template <int GB, int DH, typename T>
-void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
-                  const Dims& d, int32_t slot, const int32_t* lens, int nb, float scale,
-                  int64_t row0, int64_t kvh, int64_t head0, T* out, float* scratch) {
-  constexpr int KB = kKeyBlock;
-  const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
-  const int nq = nb * GB;  // query vectors; i = r * GB + g
-  float* qf = scratch;          // [nq, Dh]
-  float* acc = qf + nq * dh;    // [nq, Dh]
-  float* kt = acc + nq * dh;    // [Dh, KB] this block's keys, transposed
-  float* vb = kt + dh * KB;     // [KB, Dh] this block's values, contiguous
-  float m[kBlockRows * GB], l[kBlockRows * GB];
-  int32_t max_len = 0;
-  for (int r = 0; r < nb; ++r) max_len = std::max(max_len, lens[r]);
-  for (int i = 0; i < nq; ++i) {
-    const T* src = q + ((row0 + i / GB) * d.heads + head0 + i % GB) * dh;
-    for (int64_t x = 0; x < dh; ++x) qf[i * dh + x] = load(src + x) * scale;
-    for (int64_t x = 0; x < dh; ++x) acc[i * dh + x] = 0.f;
-    m[i] = -std::numeric_limits<float>::infinity();
-    l[i] = 0.f;
-  }
-  const int64_t token_stride = d.kv_heads * dh;
-  const int64_t layer_base = layer * d.num_pages;
-  for (int64_t start = 0; start < max_len; start += KB) {
-    int64_t count = std::min<int64_t>(KB, max_len - start);
-    for (int64_t t = 0; t < count; ++t) {
-      const int64_t pos = start + t;
-      const int64_t page = page_table[slot * d.pages_per_seq + pos / ps];
-      if (page < 0 || page >= d.num_pages) {  // a corrupt table reads nothing out of bounds
-        count = t;
-        break;
-      }
-      const int64_t off = (((layer_base + page) * ps) + pos % ps) * token_stride + kvh * dh;
-      const T* kp = kc + off;
-      const T* vp = vc + off;
-      for (int64_t x = 0; x < dh; ++x) kt[x * KB + t] = load(kp + x);
-      for (int64_t x = 0; x < dh; ++x) vb[t * dh + x] = load(vp + x);
-    }
-    if (count == 0) break;
-    for (int64_t x = 0; x < dh; ++x)  // the tail may hold stale (NaN) keys: zero it
-      for (int64_t t = count; t < KB; ++t) kt[x * KB + t] = 0.f;
-    for (int i = 0; i < nq; ++i) {
-      const int64_t n = std::clamp<int64_t>(lens[i / GB] - start, 0, count);
-      if (n == 0) continue;  // this row's causal limit ends before the block
-      float s[KB];  // scores, then weights (in memory: indexed by n below)
-      {
-        float r[KB] = {};  // registers: only ever indexed by constants after unrolling
-        const float* qi = qf + i * dh;
-        for (int64_t x = 0; x < dh; ++x) {
-          const float qx = qi[x];
-          const float* ktx = kt + x * KB;
-#pragma omp simd
-          for (int t = 0; t < KB; ++t) r[t] += qx * ktx[t];
-        }
-        std::memcpy(s, r, sizeof s);
-      }
-      float block_max = s[0];
-      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, s[t]);
-      const float new_max = std::max(m[i], block_max);
-      const float correction = start == 0 ? 0.f : softmax_exp(m[i] - new_max);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int t = 0; t < KB; ++t) {
-        s[t] = t < n ? softmax_exp(s[t] - new_max) : 0.f;
-        sum += s[t];
-      }
-      l[i] = l[i] * correction + sum;
-      m[i] = new_max;
-      // The accumulator in a local array: registers when DH is a constant (through the
-      // scratch pointer the compiler must assume it aliases the cache and reload it per key).
-      float local[DH ? DH : 1];
-      float* ai = DH ? local : acc + i * dh;
-      for (int64_t x = 0; x < dh; ++x) ai[x] = acc[i * dh + x] * correction;
-      for (int64_t t = 0; t < n; ++t) {
-        const float w = s[t];
-        const float* vt = vb + t * dh;
-#pragma omp simd
-        for (int64_t x = 0; x < dh; ++x) ai[x] += w * vt[x];
-      }
-      if (DH) std::memcpy(acc + i * dh, ai, sizeof(float) * dh);
-    }
-  }
-  for (int i = 0; i < nq; ++i) {
-    T* dst = out + ((row0 + i / GB) * d.heads + head0 + i % GB) * dh;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    for (int64_t x = 0; x < dh; ++x) store(dst + x, acc[i * dh + x] * inv);
-  }
-}
 
 // Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
 void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
@@ -295,71 +71,18 @@ ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   auto qd = q.dimensions();
   auto cd = k_cache.dimensions();
   auto pd = page_table.dimensions();
-  Dims d{qd[1], qd[2], cd[3], cd[1], cd[2], pd[1], pd[0], cd[0]};
-  const int64_t rows = qd[0];
+  jaxserve::Dims d{qd[1], qd[2], cd[3], cd[1], cd[2], pd[1], pd[0], cd[0]};
   const int64_t lyr = layer.typed_data()[0];
   if (lyr < 0 || lyr >= d.layers) return ffi::Error::InvalidArgument("layer out of range");
-  const T* qp = reinterpret_cast<const T*>(q.untyped_data());
-  const T* kp = reinterpret_cast<const T*>(k_cache.untyped_data());
-  const T* vp = reinterpret_cast<const T*>(v_cache.untyped_data());
-  T* op = reinterpret_cast<T*>(out->untyped_data());
-  const int32_t* slots = row_slot.typed_data();
-  const int32_t* lens = row_len.typed_data();
-  const int32_t* table = page_table.typed_data();
-  const int64_t g_count = d.heads / d.kv_heads;
-  // Heads per work item: the largest of 4, 3, 2, 1 that divides the group (GQA ratio).
-  const int gb = g_count % 4 == 0 ? 4 : g_count % 3 == 0 ? 3 : g_count % 2 == 0 ? 2 : 1;
-  const int64_t head_blocks = d.heads / gb;
-  const int64_t max_len = d.pages_per_seq * d.page_size;
-  // Valid lengths: out-of-range metadata reads nothing (a padding row), never memory past the
-  // cache. Then runs of rows on one slot become blocks of up to kBlockRows.
-  std::vector<int32_t> len(rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    const bool ok = slots[r] >= 0 && slots[r] < d.num_slots && lens[r] <= max_len;
-    len[r] = ok ? std::max(lens[r], 0) : 0;
-  }
-  std::vector<std::pair<int64_t, int>> blocks;  // (first row, rows)
-  for (int64_t r = 0; r < rows;) {
-    int nb = 1;
-    while (len[r] > 0 && nb < kBlockRows && r + nb < rows && len[r + nb] > 0 &&
-           slots[r + nb] == slots[r])
-      ++nb;
-    blocks.emplace_back(r, nb);
-    r += nb;
-  }
-  const int64_t scratch_size = std::max(gb * kBlockRows * 2 * d.head_dim + 2 * d.head_dim * kKeyBlock,
-                                        gb * (2 * d.head_dim + d.page_size));
-  parallel_for(pool, blocks.size() * head_blocks, [&, scratch_size](int64_t i) {
-    const auto [row, nb] = blocks[i / head_blocks];
-    const int64_t head0 = (i % head_blocks) * gb, kvh = head0 / g_count;
-    thread_local std::vector<float> scratch;
-    if (static_cast<int64_t>(scratch.size()) < scratch_size) scratch.resize(scratch_size);
-    const int32_t slot = slots[row];
-    float* sc = scratch.data();
-    auto item = [&](auto gb_tag, auto dh_tag) {
-      constexpr int GB = decltype(gb_tag)::value, DH = decltype(dh_tag)::value;
-      if (nb == 1) {
-        attend_item<GB, DH>(qp, kp, vp, table, lyr, d, slot, len[row], scale, row, kvh, head0,
-                            op, sc);
-      } else {
-        attend_block<GB, DH>(qp, kp, vp, table, lyr, d, slot, &len[row], nb, scale, row, kvh,
-                             head0, op, sc);
-      }
-    };
-    auto with_dh = [&](auto gb_tag) {
-      switch (d.head_dim) {
-        case 64: return item(gb_tag, std::integral_constant<int, 64>());
-        case 128: return item(gb_tag, std::integral_constant<int, 128>());
-        default: return item(gb_tag, std::integral_constant<int, 0>());
-      }
-    };
-    switch (gb) {
-      case 4: with_dh(std::integral_constant<int, 4>()); break;
-      case 3: with_dh(std::integral_constant<int, 3>()); break;
-      case 2: with_dh(std::integral_constant<int, 2>()); break;
-      default: with_dh(std::integral_constant<int, 1>());
-    }
-  });
+  jaxserve::attend_rows<T>(
+      reinterpret_cast<const T*>(q.untyped_data()),
+      reinterpret_cast<const T*>(k_cache.untyped_data()),
+      reinterpret_cast<const T*>(v_cache.untyped_data()), row_slot.typed_data(),
+      row_len.typed_data(), page_table.typed_data(), lyr, d, qd[0], scale,
+      reinterpret_cast<T*>(out->untyped_data()),
+      [&pool](int64_t total, const std::function<void(int64_t)>& fn) {
+        parallel_for(pool, total, fn);
+      });
   return ffi::Error::Success();
 }
 

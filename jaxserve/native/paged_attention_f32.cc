@@ -1,0 +1,11 @@
+// The float32 instantiation of the kernels (its own translation unit: see the header).
+
+#include "paged_attention_kernels.h"
+
+namespace jaxserve {
+
+template void attend_rows<float>(const float*, const float*, const float*, const int32_t*,
+                                const int32_t*, const int32_t*, int64_t, const Dims&, int64_t,
+                                float, float*, const ParallelFor&);
+
+}  // namespace jaxserve
