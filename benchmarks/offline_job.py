@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--weight_layout", default="auto")
     ap.add_argument("--compare_layouts", action="store_true",
                     help="also run weight_layout=hf, interleaved with the main runs")
+    ap.add_argument("--compare_attention", default=None,
+                    help="also run this attention backend (e.g. xla), interleaved")
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()
 
@@ -54,8 +56,12 @@ def main() -> None:
                 max_model_len=args.max_model_len)
     llm = LLM.from_params(cfg, params, weight_layout=args.weight_layout, **opts)
     t_startup = time.perf_counter() - t0
-    other = LLM.from_params(cfg, params, weight_layout="hf", **opts) if args.compare_layouts \
-        else None
+    other, other_label = None, None
+    if args.compare_layouts or args.compare_attention:
+        alt = dict(weight_layout="hf") if args.compare_layouts else dict(
+            attention=args.compare_attention)
+        other_label = ", ".join(f"{k}={v}" for k, v in alt.items())
+        other = LLM.from_params(cfg, params, **{**opts, **alt})
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, size=args.input_len).tolist()
                for _ in range(args.num_prompts)]
@@ -100,15 +106,16 @@ def main() -> None:
     print("all runs:", ", ".join(f"{r['wall_s']:.2f}" for r in runs))
     if other_runs:
         o = sorted(other_runs)[len(other_runs) // 2]
-        print(f"weight_layout=hf, same process, interleaved: median {o:.2f} s "
-              f"({', '.join(f'{x:.2f}' for x in other_runs)}); ratio hf / "
-              f"{llm.engine.cfg.weight_layout}: {o / med['wall_s']:.2f}")
+        print(f"{other_label}, same process, interleaved: median {o:.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in other_runs)}); ratio it / main: "
+              f"{o / med['wall_s']:.2f}")
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "startup_s": t_startup, "load_s": t_load,
                        "runs": runs, "median": med, "stats": stats,
-                       "hf_layout_runs_s": other_runs}, f, indent=1)
+                       "attention_backend": stats["attention_backend"],
+                       "compared": other_label, "compared_runs_s": other_runs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def _summary(outputs, wall: float, stats: dict, num_errors: int) -> str:
         ("ITL median (ms)", f"{s['itl_ms']['median']:.1f}"),
         ("ITL P99 (ms)", f"{s['itl_ms']['p99']:.1f}"),
         ("Steps", f"{stats['steps']}"),
+        ("Attention backend", f"{stats['attention_backend']}"),
         ("Executables compiled", f"{stats['executables_compiled']}"),
         ("Compiles after warm-up", f"{stats['compiles_after_warmup']}"),
         ("Start-up compile (s)", f"{stats['startup_compile_s']:.1f}"),

@@ -82,8 +82,9 @@ def library_path() -> Path:
     objects = [f"{tmp}.{i}.o" for i in range(len(_SOURCES))]
     compiles = [[cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(here / src), "-o", obj]
                 for src, obj in zip(_SOURCES, objects)]
-    logging.info("jaxserve: compiling the native CPU kernels (once per machine): %s",
-                 " ".join(compiles[0]))
+    # A warning so that a first start-up says why it pauses (it is not repeated).
+    logging.warning("jaxserve: building the native CPU attention kernel into %s (once per "
+                    "machine, ~10 s)", out.parent)
     try:
         procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in compiles]
         errors = [p.communicate()[1] for p in procs]
