@@ -265,8 +265,11 @@ void attend_rows(const T* qp, const T* kp, const T* vp, const int32_t* slots,
     blocks.emplace_back(r, nb);
     r += nb;
   }
-  const int64_t scratch_size = std::max(gb * kBlockRows * 2 * d.head_dim + 2 * d.head_dim * kKeyBlock,
-                                        gb * (2 * d.head_dim + d.page_size));
+  // Per thread: attend_block's [rows*GB, Dh] queries and accumulators + a key and a value
+  // block; attend_item's [GB, Dh] queries + [GB, page] scores (+ accumulators for any Dh).
+  const int64_t block_scratch = gb * kBlockRows * 2 * d.head_dim + 2 * d.head_dim * kKeyBlock;
+  const int64_t item_scratch = gb * (2 * d.head_dim + d.page_size);
+  const int64_t scratch_size = std::max(block_scratch, item_scratch);
   parallel_for(blocks.size() * head_blocks, [&, scratch_size](int64_t i) {
     const auto [row, nb] = blocks[i / head_blocks];
     const int64_t head0 = (i % head_blocks) * gb, kvh = head0 / g_count;
