@@ -114,7 +114,8 @@ class Engine:
             self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
         build = functools.partial(
             compile_steps, model_cfg, self.layout, self.params, self.cache, self._rope,
-            self.shape, interpret=cfg.pallas_interpret, num_top=self.num_top, placement=self.placement)
+            self.shape, interpret=cfg.pallas_interpret, num_top=self.num_top,
+            placement=self.placement)
         try:
             return build(backend=self.backend)
         except (ValueError, NativeBuildError) as e:

@@ -64,9 +64,9 @@ def _prompt_logprobs(model, hidden, targets, num_top):
 
 
 def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: jax.Array,
-            rope: jax.Array, *, model_cfg: ModelConfig, layout: WeightLayout, shape: AttentionShape,
-            num_global_slots: int, backend: str, interpret: bool, num_top: int
-            ) -> tuple[StepOutput, KVCache]:
+            rope: jax.Array, *, model_cfg: ModelConfig, layout: WeightLayout,
+            shape: AttentionShape, num_global_slots: int, backend: str, interpret: bool,
+            num_top: int) -> tuple[StepOutput, KVCache]:
     """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`;
     `rope` the model's `rope_table` up to max_model_len (built once by the engine)."""
     model = bind(model_cfg, params, layout)
@@ -137,8 +137,8 @@ class StepExecutables:
 
 
 def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: KVCache,
-                  rope: jax.Array, shape: AttentionShape, *, backend: str, interpret: bool, num_top: int,
-                  placement=None) -> StepExecutables:
+                  rope: jax.Array, shape: AttentionShape, *, backend: str, interpret: bool,
+                  num_top: int, placement=None) -> StepExecutables:
     """Compiles both steps ahead of time; with a `sharding.Placement`, for its mesh."""
     decode_shape = dataclasses.replace(shape, num_chunk_slots=0)
 

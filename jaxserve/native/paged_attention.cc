@@ -57,7 +57,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));  // a copy: Schedule takes it by value
+  // Schedule takes its task by value (forwarding a reference would not compile): a copy each.
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
   std::unique_lock<std::mutex> lock(st->mu);
   st->cv.wait(lock, [&] { return st->done.load() == st->total; });

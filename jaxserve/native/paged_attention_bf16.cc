@@ -4,8 +4,8 @@
 
 namespace jaxserve {
 
-template void attend_rows<uint16_t>(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*,
-                                const int32_t*, const int32_t*, int64_t, const Dims&, int64_t,
-                                float, uint16_t*, const ParallelFor&);
+template void attend_rows<uint16_t>(const uint16_t*, const uint16_t*, const uint16_t*,
+                                    const int32_t*, const int32_t*, const int32_t*, int64_t,
+                                    const Dims&, int64_t, float, uint16_t*, const ParallelFor&);
 
 }  // namespace jaxserve
