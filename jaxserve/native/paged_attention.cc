@@ -16,8 +16,9 @@
 // attr scale f32                        softmax scale
 // out        [R, H, Dh]
 //
-// Work items: a row alone (decode) or a block of up to kBlockRows consecutive rows of one slot
-// (a chunk), times a block of query heads sharing a KV head. They run on XLA's intra-op thread
+// Work items: a row alone with all its heads (decode: whole pages read in order), or a block of
+// up to kBlockRows consecutive rows of one slot (a chunk) times a block of query heads sharing
+// a KV head. They run on XLA's intra-op thread
 // pool and on the calling thread, so the call finishes even if the pool never runs a task.
 
 #include <algorithm>

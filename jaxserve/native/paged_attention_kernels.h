@@ -66,19 +66,25 @@ inline float softmax_exp(float x) {
 // loops unroll into whole vectors (a runtime head_dim made the dot products 2-3x slower).
 template <int GB, int DH, typename T>
 void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
-                 const Dims& d, int32_t slot, int32_t len, float scale, int64_t row, int64_t kvh,
-                 int64_t head0, T* out, float* scratch) {
+                 const Dims& d, int32_t slot, int32_t len, float scale, int64_t row, int64_t kvh0,
+                 int64_t nkv, T* out, float* scratch) {
+  // All GB query heads of kv heads [kvh0, kvh0 + nkv) of one row: reading whole pages in order
+  // (every kv head's slice of a token) rather than one kv head's strided slices.
   const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
-  float* qf = scratch;          // [GB, Dh]
-  float* acc = qf + GB * dh;    // [GB, Dh]
-  float* p = acc + GB * dh;     // [GB, page] this page's scores, then weights
-  float m[GB], l[GB];
-  for (int g = 0; g < GB; ++g) {
-    const T* src = q + (row * d.heads + head0 + g) * dh;
-    for (int64_t x = 0; x < dh; ++x) qf[g * dh + x] = load(src + x) * scale;
-    for (int64_t x = 0; x < dh; ++x) acc[g * dh + x] = 0.f;
-    m[g] = -std::numeric_limits<float>::infinity();
-    l[g] = 0.f;
+  const int64_t g_count = d.heads / d.kv_heads;  // GB divides it
+  const int64_t nh = nkv * g_count;  // query heads in this item
+  float* qf = scratch;            // [nh, Dh]
+  float* acc = qf + nh * dh;      // [nh, Dh]
+  float* p = acc + nh * dh;       // [nh, page] this page's scores, then weights
+  float* m = p + nh * ps;         // [nh] running max
+  float* l = m + nh;              // [nh] running sum
+  const int64_t head0 = kvh0 * g_count;
+  for (int64_t h = 0; h < nh; ++h) {
+    const T* src = q + (row * d.heads + head0 + h) * dh;
+    for (int64_t x = 0; x < dh; ++x) qf[h * dh + x] = load(src + x) * scale;
+    for (int64_t x = 0; x < dh; ++x) acc[h * dh + x] = 0.f;
+    m[h] = -std::numeric_limits<float>::infinity();
+    l[h] = 0.f;
   }
   const int64_t token_stride = d.kv_heads * dh;
   const int64_t layer_base = layer * d.num_pages;
@@ -86,53 +92,63 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
     const int64_t page = page_table[slot * d.pages_per_seq + start / ps];
     if (page < 0 || page >= d.num_pages) break;  // a corrupt table reads nothing out of bounds
     const int64_t count = std::min<int64_t>(ps, len - start);
-    const int64_t base = ((layer_base + page) * ps) * token_stride + kvh * dh;
+    const int64_t base = ((layer_base + page) * ps) * token_stride + kvh0 * dh;
     for (int64_t t = 0; t < count; ++t) {
-      const T* kp = kc + base + t * token_stride;
-      for (int g = 0; g < GB; ++g) {
-        const float* qg = qf + g * dh;
-        float sg = 0.f;
-#pragma omp simd reduction(+ : sg)
-        for (int64_t x = 0; x < dh; ++x) sg += qg[x] * load(kp + x);
-        p[g * ps + t] = sg;
+      for (int64_t kv = 0; kv < nkv; ++kv) {
+        const T* kp = kc + base + t * token_stride + kv * dh;
+        for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
+          for (int g = 0; g < GB; ++g) {
+            const int64_t h = kv * g_count + gb0 + g;
+            const float* qh = qf + h * dh;
+            float sh = 0.f;
+#pragma omp simd reduction(+ : sh)
+            for (int64_t x = 0; x < dh; ++x) sh += qh[x] * load(kp + x);
+            p[h * ps + t] = sh;
+          }
+        }
       }
     }
-    for (int g = 0; g < GB; ++g) {
-      float* pg = p + g * ps;
-      float block_max = pg[0];
-      for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, pg[t]);
-      const float new_max = std::max(m[g], block_max);
+    for (int64_t h = 0; h < nh; ++h) {
+      float* ph = p + h * ps;
+      float block_max = ph[0];
+      for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, ph[t]);
+      const float new_max = std::max(m[h], block_max);
       // First page: m = -inf, correction 0 (l and acc are 0 anyway).
-      const float correction = start == 0 ? 0.f : softmax_exp(m[g] - new_max);
+      const float correction = start == 0 ? 0.f : softmax_exp(m[h] - new_max);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < count; ++t) {
-        pg[t] = softmax_exp(pg[t] - new_max);
-        sum += pg[t];
+        ph[t] = softmax_exp(ph[t] - new_max);
+        sum += ph[t];
       }
-      l[g] = l[g] * correction + sum;
-      m[g] = new_max;
+      l[h] = l[h] * correction + sum;
+      m[h] = new_max;
       if (correction != 1.f) {
-        float* ag = acc + g * dh;
+        float* ah = acc + h * dh;
 #pragma omp simd
-        for (int64_t x = 0; x < dh; ++x) ag[x] *= correction;
+        for (int64_t x = 0; x < dh; ++x) ah[x] *= correction;
       }
     }
     for (int64_t t = 0; t < count; ++t) {
-      const T* vp = vc + base + t * token_stride;
-      float w[GB];
-      for (int g = 0; g < GB; ++g) w[g] = p[g * ps + t];
+      for (int64_t kv = 0; kv < nkv; ++kv) {
+        const T* vp = vc + base + t * token_stride + kv * dh;
+        for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
+          float w[GB];
+          for (int g = 0; g < GB; ++g) w[g] = p[(kv * g_count + gb0 + g) * ps + t];
+          float* a0 = acc + (kv * g_count + gb0) * dh;
 #pragma omp simd
-      for (int64_t x = 0; x < dh; ++x) {
-        const float v = load(vp + x);
-        for (int g = 0; g < GB; ++g) acc[g * dh + x] += w[g] * v;
+          for (int64_t x = 0; x < dh; ++x) {
+            const float v = load(vp + x);
+            for (int g = 0; g < GB; ++g) a0[g * dh + x] += w[g] * v;
+          }
+        }
       }
     }
   }
-  for (int g = 0; g < GB; ++g) {
-    T* dst = out + (row * d.heads + head0 + g) * dh;
-    const float inv = len > 0 ? 1.f / l[g] : 0.f;
-    for (int64_t x = 0; x < dh; ++x) store(dst + x, len > 0 ? acc[g * dh + x] * inv : 0.f);
+  for (int64_t h = 0; h < nh; ++h) {
+    T* dst = out + (row * d.heads + head0 + h) * dh;
+    const float inv = len > 0 ? 1.f / l[h] : 0.f;
+    for (int64_t x = 0; x < dh; ++x) store(dst + x, len > 0 ? acc[h * dh + x] * inv : 0.f);
   }
 }
 
@@ -268,11 +284,21 @@ void attend_rows(const T* qp, const T* kp, const T* vp, const int32_t* slots,
   // Per thread: attend_block's [rows*GB, Dh] queries and accumulators + a key and a value
   // block; attend_item's [GB, Dh] queries + [GB, page] scores (+ accumulators for any Dh).
   const int64_t block_scratch = gb * kBlockRows * 2 * d.head_dim + 2 * d.head_dim * kKeyBlock;
-  const int64_t item_scratch = gb * (2 * d.head_dim + d.page_size);
+  const int64_t item_scratch = d.heads * (2 * d.head_dim + d.page_size + 2);
   const int64_t scratch_size = std::max(block_scratch, item_scratch);
-  parallel_for(blocks.size() * head_blocks, [&, scratch_size](int64_t i) {
-    const auto [row, nb] = blocks[i / head_blocks];
-    const int64_t head0 = (i % head_blocks) * gb, kvh = head0 / g_count;
+  // Work items: a chunk block times a block of query heads, or a single row with all its heads.
+  std::vector<std::pair<int64_t, int64_t>> items;  // (block, head block or -1 for all heads)
+  for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
+    if (blocks[b].second == 1) {
+      items.emplace_back(b, -1);
+    } else {
+      for (int64_t hb = 0; hb < head_blocks; ++hb) items.emplace_back(b, hb);
+    }
+  }
+  parallel_for(items.size(), [&, scratch_size](int64_t i) {
+    const auto [row, nb] = blocks[items[i].first];
+    const int64_t hb = items[i].second;
+    const int64_t head0 = std::max<int64_t>(hb, 0) * gb, kvh = head0 / g_count;
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_size) scratch.resize(scratch_size);
     const int32_t slot = slots[row];
@@ -280,8 +306,8 @@ void attend_rows(const T* qp, const T* kp, const T* vp, const int32_t* slots,
     auto item = [&](auto gb_tag, auto dh_tag) {
       constexpr int GB = decltype(gb_tag)::value, DH = decltype(dh_tag)::value;
       if (nb == 1) {
-        attend_item<GB, DH>(qp, kp, vp, table, lyr, d, slot, len[row], scale, row, kvh, head0,
-                            op, sc);
+        attend_item<GB, DH>(qp, kp, vp, table, lyr, d, slot, len[row], scale, row, 0,
+                            d.kv_heads, op, sc);
       } else {
         attend_block<GB, DH>(qp, kp, vp, table, lyr, d, slot, &len[row], nb, scale, row, kvh,
                              head0, op, sc);
