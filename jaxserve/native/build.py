@@ -42,10 +42,17 @@ def _compiler() -> str:
 
 
 def _cpu_id() -> str:
+    """What -march=native depends on: the first CPU's model and instruction-set lines (x86's
+    "flags", ARM's "Features" and part number)."""
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")
     try:
+        seen = {}
         with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
+            for line in f:
+                key = line.split(":")[0].strip()
+                if key in keys:
+                    seen.setdefault(key, line)
+        return "".join(seen.values()) or platform.processor()
     except OSError:
         return platform.processor()
 
@@ -93,6 +100,8 @@ def library_path() -> Path:
             link = subprocess.run([cxx, "-shared", *objects, "-o", tmp], capture_output=True,
                                   text=True)
             failed = [link.stderr] if link.returncode != 0 else []
+    except OSError as e:
+        failed = [f"{cxx}: {e}"]
     finally:
         for obj in objects:
             if os.path.exists(obj):
