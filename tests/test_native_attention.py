@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -200,3 +201,12 @@ def test_bfloat16_engine_agrees_with_the_xla_backend():
         want = [next(iter(d.values())) for d in b.prompt_logprobs[1:]]
         np.testing.assert_allclose(got, want, atol=0.05, err_msg=f"prompt of {len(prompt)}")
         assert a.token_ids == b.token_ids  # seeded and deterministic: no bf16 argmax flip here
+
+
+def test_cache_falls_back_to_the_temp_dir_without_a_writable_home(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-home"
+    blocker.write_text("")
+    monkeypatch.delenv("JAXSERVE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(blocker))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    assert str(build._cache_dir()).startswith(str(tmp_path / "jaxserve-"))

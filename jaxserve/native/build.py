@@ -58,7 +58,18 @@ def _cpu_id() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("JAXSERVE_CACHE_DIR", Path.home() / ".cache" / "jaxserve"))
+    """$JAXSERVE_CACHE_DIR if set (an error if unwritable), else ~/.cache/jaxserve, else (a
+    read-only or missing home) a folder under the system's temporary directory."""
+    if "JAXSERVE_CACHE_DIR" in os.environ:
+        return Path(os.environ["JAXSERVE_CACHE_DIR"])
+    home = Path.home() / ".cache" / "jaxserve"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except (OSError, RuntimeError):
+        pass
+    return Path(tempfile.gettempdir()) / f"jaxserve-{getattr(os, 'getuid', lambda: 0)()}"
 
 
 def library_path() -> Path:
