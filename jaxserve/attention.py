@@ -115,28 +115,21 @@ def _decode_attention(q, k_pages, v_pages, kv_lens, page_table, layer, num_pages
     return o.reshape(d, h, dh).astype(q.dtype)
 
 
-def _chunk_rows(q, k_pages, v_pages, positions, kv_lens, page_table, shape, layer):
-    """The reference for the chunk slots' rows: [C*P, H, Dh]."""
-    c, p = shape.num_chunk_slots, shape.chunk_len
-    _, h, dh = q.shape
-    branches = [functools.partial(_chunk_attention, num_pages=n) for n in shape.buckets]
-    o = jax.lax.switch(_pick_bucket(kv_lens[:c], shape), branches, q[: c * p].reshape(c, p, h, dh),
-                       k_pages, v_pages, positions[: c * p].reshape(c, p), kv_lens[:c],
-                       page_table[:c], layer)
-    return o.reshape(c * p, h, dh)
-
-
 def reference_attention(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table,
                         shape: AttentionShape, layer=None) -> jax.Array:
     """The XLA reference over a whole step: q [T, H, Dh] -> [T, H, Dh]. With `layer`, k/v_pages
     are the stacked [L, N, page, KVH, Dh] cache and pages are read from that layer in place."""
     del chunk_lens  # padding rows are masked through positions and kv_lens
     c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
-    assert q.shape[0] == c * p + d, (q.shape, c, p, d)
+    t, h, dh = q.shape
+    assert t == c * p + d, (t, c, p, d)
     parts = []
     if c:
-        parts.append(_chunk_rows(q, k_pages, v_pages, positions, kv_lens, page_table, shape,
-                                 layer))
+        q_c = q[: c * p].reshape(c, p, h, dh)
+        branches = [functools.partial(_chunk_attention, num_pages=n) for n in shape.buckets]
+        o_c = jax.lax.switch(_pick_bucket(kv_lens[:c], shape), branches, q_c, k_pages, v_pages,
+                             positions[: c * p].reshape(c, p), kv_lens[:c], page_table[:c], layer)
+        parts.append(o_c.reshape(c * p, h, dh))
     if d:
         branches = [functools.partial(_decode_attention, num_pages=n) for n in shape.buckets]
         size = d // shape.decode_groups

@@ -12,7 +12,7 @@
 // row_len    i32[R]                     keys row r sees: position + 1 for a chunk row (causal),
 //                                       the context for a decode row, 0 for padding (zeros out)
 // page_table i32[S, pages_per_seq]
-// layer      i32[]                      which layer of the stacked cache
+// layer      i32[1]                     which layer of the stacked cache
 // attr scale f32                        softmax scale
 // out        [R, H, Dh]
 //

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.native import build
+from pallas_kernels.ragged import stacked_cache
 
 
 def paged_attention_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *,
@@ -19,12 +20,8 @@ def paged_attention_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *
     [N, page, KVH, Dh] or, with `layer`, the stacked [L, N, page, KVH, Dh] cache, read in
     place. float32 or bfloat16; CPU only. Builds the kernel on first use (see build.py)."""
     build.load()
-    if k_pages.ndim == 4:
-        if layer is not None:
-            raise ValueError("layer= needs the stacked cache [layers, num_pages, ...]")
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    elif layer is None:
-        raise ValueError(f"a stacked cache {k_pages.shape=} needs layer=")
+    # The same stacked-cache convention as the Pallas kernels (layer becomes i32[1]).
+    k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
     if q.shape[1] % k_pages.shape[3]:
         raise ValueError(f"{q.shape[1]=} query heads must be a multiple of "
                          f"{k_pages.shape[3]=} kv heads")
@@ -32,4 +29,4 @@ def paged_attention_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *
     call = jax.ffi.ffi_call("jaxserve_paged_attention", jax.ShapeDtypeStruct(q.shape, q.dtype))
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     return call(q, k_pages, v_pages, i32(row_slot), i32(row_len), i32(page_table),
-                i32(layer), scale=np.float32(scale))
+                layer, scale=np.float32(scale))

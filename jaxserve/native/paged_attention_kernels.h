@@ -60,6 +60,39 @@ inline float softmax_exp(float x) {
   return y * scale;
 }
 
+// Loads n query vectors (query i from src(i)), scaled, and starts their online softmax.
+template <typename T, typename Src>
+inline void start_queries(int64_t n, int64_t dh, float scale, Src src, float* qf, float* acc,
+                          float* m, float* l) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* q = src(i);
+    for (int64_t x = 0; x < dh; ++x) qf[i * dh + x] = load(q + x) * scale;
+    for (int64_t x = 0; x < dh; ++x) acc[i * dh + x] = 0.f;
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0.f;
+  }
+}
+
+// Writes n outputs (output i to dst(i)): acc / l, zeros for a query that saw no key.
+template <typename T, typename Dst>
+inline void finish_queries(int64_t n, int64_t dh, Dst dst, const float* acc, const float* l) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* o = dst(i);
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    for (int64_t x = 0; x < dh; ++x) store(o + x, acc[i * dh + x] * inv);
+  }
+}
+
+// Where token `pos` of `slot`, kv head kvh, sits in the stacked cache (elements), or -1 when
+// the page table points outside the cache (a corrupt table reads nothing out of bounds).
+inline int64_t token_offset(const Dims& d, const int32_t* page_table, int64_t layer,
+                            int32_t slot, int64_t pos, int64_t kvh) {
+  const int64_t page = page_table[slot * d.pages_per_seq + pos / d.page_size];
+  if (page < 0 || page >= d.num_pages) return -1;
+  return (((layer * d.num_pages + page) * d.page_size) + pos % d.page_size) * d.kv_heads *
+             d.head_dim + kvh * d.head_dim;
+}
+
 // One work item: the query heads of kv heads [kvh0, kvh0 + nkv) of one row (a decode token)
 // attend to the row's keys, page by page with an online softmax. GB (a divisor of the GQA group)
 // and DH (head_dim; 0 = read it from d) are template constants so that each key and value
@@ -80,20 +113,13 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
   float* m = p + nh * ps;         // [nh] running max
   float* l = m + nh;              // [nh] running sum
   const int64_t head0 = kvh0 * g_count;
-  for (int64_t h = 0; h < nh; ++h) {
-    const T* src = q + (row * d.heads + head0 + h) * dh;
-    for (int64_t x = 0; x < dh; ++x) qf[h * dh + x] = load(src + x) * scale;
-    for (int64_t x = 0; x < dh; ++x) acc[h * dh + x] = 0.f;
-    m[h] = -std::numeric_limits<float>::infinity();
-    l[h] = 0.f;
-  }
+  const T* row_q = q + (row * d.heads + head0) * dh;
+  start_queries<T>(nh, dh, scale, [&](int64_t h) { return row_q + h * dh; }, qf, acc, m, l);
   const int64_t token_stride = d.kv_heads * dh;
-  const int64_t layer_base = layer * d.num_pages;
   for (int64_t start = 0; start < len; start += ps) {
-    const int64_t page = page_table[slot * d.pages_per_seq + start / ps];
-    if (page < 0 || page >= d.num_pages) break;  // a corrupt table reads nothing out of bounds
+    const int64_t base = token_offset(d, page_table, layer, slot, start, kvh0);
+    if (base < 0) break;
     const int64_t count = std::min<int64_t>(ps, len - start);
-    const int64_t base = ((layer_base + page) * ps) * token_stride + kvh0 * dh;
     for (int64_t t = 0; t < count; ++t) {
       for (int64_t kv = 0; kv < nkv; ++kv) {
         const T* kp = kc + base + t * token_stride + kv * dh;
@@ -146,11 +172,8 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
       }
     }
   }
-  for (int64_t h = 0; h < nh; ++h) {
-    T* dst = out + (row * d.heads + head0 + h) * dh;
-    const float inv = len > 0 ? 1.f / l[h] : 0.f;
-    for (int64_t x = 0; x < dh; ++x) store(dst + x, len > 0 ? acc[h * dh + x] * inv : 0.f);
-  }
+  T* row_out = out + (row * d.heads + head0) * dh;
+  finish_queries<T>(nh, dh, [&](int64_t h) { return row_out + h * dh; }, acc, l);
 }
 
 // Rows that share a slot (a prefill chunk's tokens) are worked kBlockRows at a time, so each
@@ -169,7 +192,7 @@ void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_tabl
                   const Dims& d, int32_t slot, const int32_t* lens, int nb, float scale,
                   int64_t row0, int64_t kvh, int64_t head0, T* out, float* scratch) {
   constexpr int KB = kKeyBlock;
-  const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
+  const int64_t dh = DH ? DH : d.head_dim;
   const int nq = nb * GB;  // query vectors; i = r * GB + g
   float* qf = scratch;          // [nq, Dh]
   float* acc = qf + nq * dh;    // [nq, Dh]
@@ -178,25 +201,17 @@ void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_tabl
   float m[kBlockRows * GB], l[kBlockRows * GB];
   int32_t max_len = 0;
   for (int r = 0; r < nb; ++r) max_len = std::max(max_len, lens[r]);
-  for (int i = 0; i < nq; ++i) {
-    const T* src = q + ((row0 + i / GB) * d.heads + head0 + i % GB) * dh;
-    for (int64_t x = 0; x < dh; ++x) qf[i * dh + x] = load(src + x) * scale;
-    for (int64_t x = 0; x < dh; ++x) acc[i * dh + x] = 0.f;
-    m[i] = -std::numeric_limits<float>::infinity();
-    l[i] = 0.f;
-  }
-  const int64_t token_stride = d.kv_heads * dh;
-  const int64_t layer_base = layer * d.num_pages;
+  // Query i is head head0 + i % GB of row row0 + i / GB.
+  auto query = [&](int64_t i) { return ((row0 + i / GB) * d.heads + head0 + i % GB) * dh; };
+  start_queries<T>(nq, dh, scale, [&](int64_t i) { return q + query(i); }, qf, acc, m, l);
   for (int64_t start = 0; start < max_len; start += KB) {
     int64_t count = std::min<int64_t>(KB, max_len - start);
     for (int64_t t = 0; t < count; ++t) {
-      const int64_t pos = start + t;
-      const int64_t page = page_table[slot * d.pages_per_seq + pos / ps];
-      if (page < 0 || page >= d.num_pages) {  // a corrupt table reads nothing out of bounds
+      const int64_t off = token_offset(d, page_table, layer, slot, start + t, kvh);
+      if (off < 0) {
         count = t;
         break;
       }
-      const int64_t off = (((layer_base + page) * ps) + pos % ps) * token_stride + kvh * dh;
       const T* kp = kc + off;
       const T* vp = vc + off;
       for (int64_t x = 0; x < dh; ++x) kt[x * KB + t] = load(kp + x);
@@ -246,11 +261,7 @@ void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_tabl
       if (DH) std::memcpy(acc + i * dh, ai, sizeof(float) * dh);
     }
   }
-  for (int i = 0; i < nq; ++i) {
-    T* dst = out + ((row0 + i / GB) * d.heads + head0 + i % GB) * dh;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    for (int64_t x = 0; x < dh; ++x) store(dst + x, acc[i * dh + x] * inv);
-  }
+  finish_queries<T>(nq, dh, [&](int64_t i) { return out + query(i); }, acc, l);
 }
 
 // Runs fn(i) for every i in [0, total), in parallel where it can; returns when all are done.
