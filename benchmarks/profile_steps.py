@@ -79,7 +79,7 @@ def main() -> None:
     # The mixed steps are the job's first ones; run ids are not ordered, their start times are.
     ordered = sorted(runs, key=lambda r: min(e["ts"] for e in runs[r]))
     kinds = {"mixed": ordered[:num_mixed], "decode": ordered[num_mixed:]}
-    exes = llm.engine.executables
+    exes = llm.engine.runner.executables
     shapes = {"mixed": _op_shapes(exes.mixed.as_text()),
               "decode": _op_shapes(exes.decode_only.as_text())}
     report = {}

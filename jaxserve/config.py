@@ -197,13 +197,20 @@ DTYPES = ("float32", "bfloat16")
 class EngineConfig:
     """The static shape of every step and the cache, fixed at start-up.
 
-    One step holds `num_chunk_slots` chunks of `chunk_size` prompt tokens plus `max_decode_slots`
-    decode tokens. `chunk_size=0` turns chunking off: a prompt is then prefilled whole in one
-    chunk slot of `max_model_len` tokens (the stalling baseline).
+    One step holds a chunk region of `chunk_size` prompt tokens (the step's prefill token budget,
+    Sarathi-Serve's "chunk size") plus `max_decode_slots` decode tokens. The chunk region is
+    packed: up to `max_chunk_seqs` sequences' prompt chunks share it back to back, each starting
+    at a multiple of `chunk_align` rows, and one sequence may take all of it. `chunk_size=0`
+    turns chunking off: the region is then `max_model_len` tokens and a prompt is prefilled whole
+    in one step (the stalling baseline).
     """
 
-    chunk_size: int = 256
-    num_chunk_slots: int = 2
+    chunk_size: int = 512
+    max_chunk_seqs: int = 8
+    # Why align at all: the XLA reference gathers a sequence's keys once per block of this many
+    # rows (1 would gather them per row); the padding it costs is at most chunk_align - 1 rows a
+    # segment. 1 = pack tightly.
+    chunk_align: int = 8
     max_decode_slots: int = 16
     page_size: int = 16
     num_pages: int = 0  # 0: enough for every decode slot at max_model_len, plus the trash page
@@ -217,7 +224,7 @@ class EngineConfig:
     mesh_shape: str = ""  # e.g. "model=8" or "data=2,model=4"; "" = one device, no mesh
 
     def __post_init__(self):
-        for name in ("num_chunk_slots", "max_decode_slots", "page_size"):
+        for name in ("max_chunk_seqs", "chunk_align", "max_decode_slots", "page_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -245,8 +252,10 @@ class EngineConfig:
                 f"max_model_len={max_len} exceeds the model's sliding_window="
                 f"{model.sliding_window}, which jaxserve does not implement; set "
                 f"max_model_len <= {model.sliding_window}")
-        if self.chunk_size > max_len:
-            raise ValueError(f"chunk_size={self.chunk_size} exceeds max_model_len={max_len}")
+        # A budget above max_model_len is fine: packed chunks of several sequences fill it.
+        if self.chunk_size % self.chunk_align:
+            raise ValueError(f"chunk_size={self.chunk_size} must be a multiple of "
+                             f"chunk_align={self.chunk_align}")
         pages_per_seq = math.ceil(max_len / self.page_size)
         num_pages = self.num_pages or 1 + self.max_decode_slots * pages_per_seq
         if num_pages - 1 < pages_per_seq:
@@ -257,14 +266,18 @@ class EngineConfig:
         return dataclasses.replace(self, max_model_len=max_len, num_pages=num_pages)
 
     @property
-    def chunk_len(self) -> int:
-        """Tokens per chunk slot, P."""
-        return self.chunk_size or self.max_model_len
+    def chunk_tokens(self) -> int:
+        """Rows of the chunk region, B: the budget, or max_model_len (rounded up to chunk_align)
+        when chunking is off."""
+        if self.chunk_size:
+            return self.chunk_size
+        return -(-self.max_model_len // self.chunk_align) * self.chunk_align
 
     @property
     def pages_per_seq(self) -> int:
         return math.ceil(self.max_model_len / self.page_size)
 
     @property
-    def num_slots(self) -> int:
-        return self.num_chunk_slots + self.max_decode_slots
+    def num_seqs(self) -> int:
+        """Sequences one step can hold: chunk sequences first, then decode slots."""
+        return self.max_chunk_seqs + self.max_decode_slots

@@ -1,36 +1,33 @@
 """The host loop: add_request -> schedule -> step -> outputs, plus the engine's metrics.
 
-`Engine.step()` runs one scheduler step through one compiled executable and returns a
-`RequestOutput` snapshot for every request that got a token (`finished` set on the last one).
+`Engine.step()` runs one scheduler step through the runner (the device side: params, cache,
+executables) and returns a `RequestOutput` snapshot for every request that got a token
+(`finished` set on the last one).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import itertools
-import logging
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.attention import AttentionShape, resolve_backend
+from jaxserve.attention import AttentionShape
 from jaxserve.batching import PENDING, SlotPlan, build_batch
 from jaxserve.compile_guard import CompileCounter
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.kv_cache import init_cache
-from jaxserve.models.functional import (abstract_params, resolve_layout, to_jnp_dtype,
-                                        to_layout)
-from jaxserve.models.llama import rope_table
-from jaxserve.native.build import NativeBuildError
 from jaxserve.outputs import RequestMetrics, RequestOutput
 from jaxserve.request import Request
+from jaxserve.runner import Runner
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.sharding import make_placement, shard_params, to_host
+from jaxserve.sharding import to_host
 from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
-from jaxserve.step import StepOutput, compile_steps, example_batch
+from jaxserve.step import StepOutput
+
+# Steps the engine remembers for benchmarks (a long-running engine must not grow without bound).
+STEP_LOG_LEN = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,41 +51,12 @@ class _InFlight:
 
 class Engine:
     def __init__(self, model_cfg: ModelConfig, params, engine_cfg: EngineConfig = EngineConfig(),
-                 tokenizer=None, *, strict_compiles: bool = False):
+                 tokenizer=None, *, strict_compiles: bool = False,
+                 step_log_len: int = STEP_LOG_LEN):
         cfg = engine_cfg.resolve(model_cfg)
         self.model_cfg, self.cfg, self.tokenizer = model_cfg, cfg, tokenizer
-        self.backend = resolve_backend(cfg.attention)
-        dtype = to_jnp_dtype(cfg.dtype)
-        leaf_dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        if leaf_dtype != dtype:
-            raise ValueError(f"params are {leaf_dtype} but the engine was asked for "
-                             f"dtype={cfg.dtype!r}; load the model with the same dtype")
-        self.placement = None
-        if cfg.mesh_shape:
-            # The sharding table speaks Hugging Face's layout: a mesh keeps it.
-            if cfg.weight_layout not in ("auto", "hf"):
-                raise ValueError(f"weight_layout={cfg.weight_layout!r} cannot be combined with "
-                                 f"mesh_shape={cfg.mesh_shape!r}; use 'hf' (or 'auto')")
-            self.placement = make_placement(model_cfg, cfg.mesh_shape,
-                                            abstract_params(model_cfg, cfg.dtype))
-        # Converted once to the serving layout; the caller's params are left as they are.
-        self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout)
-        self.params = to_layout(model_cfg, params, self.layout)
-        if self.placement:
-            self.params = shard_params(self.params, self.placement.params)
-        self.num_top = max(1, min(cfg.max_logprobs, model_cfg.vocab_size))
-        self.shape = AttentionShape(
-            num_chunk_slots=cfg.num_chunk_slots, chunk_len=cfg.chunk_len,
-            num_decode_slots=cfg.max_decode_slots, page_size=cfg.page_size,
-            pages_per_seq=cfg.pages_per_seq)
-        self.cache = init_cache(model_cfg, cfg, dtype,
-                                self.placement.cache if self.placement else None)
-        self.num_global_slots = cfg.num_chunk_slots + cfg.max_decode_slots
-        self._prev_tokens = jnp.zeros((self.num_global_slots,), jnp.int32)
-        self._rope = rope_table(model_cfg.rope, model_cfg.head_dim, cfg.max_model_len, dtype)
-        if self.placement:
-            self._prev_tokens = jax.device_put(self._prev_tokens, self.placement.replicated)
-            self._rope = jax.device_put(self._rope, self.placement.replicated)
+        self.runner = Runner(model_cfg, params, cfg)
+        self.num_top = self.runner.num_top
         self.scheduler = Scheduler(cfg)
         self.eos_ids = frozenset(model_cfg.eos_token_ids) | frozenset(
             getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -96,46 +64,17 @@ class Engine:
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self._inflight: _InFlight | None = None
-        self.step_log: list[StepRecord] = []  # one per step, for benchmarks
+        # The most recent steps, for benchmarks (bounded: an engine may serve for days).
+        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=step_log_len)
         # Counts (and in tests forbids) compiles while serving; warm-up is outside it.
         self._counter = CompileCounter(strict=strict_compiles)
-        t0 = time.perf_counter()
-        self.executables = self._compile(model_cfg, cfg)
-        self._warm_up()
-        self.startup_compile_s = time.perf_counter() - t0
         self._stats = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "scheduled_tokens": 0,
-                       "slot_tokens": 0, "preemptions": 0}
+                       "slot_tokens": 0, "mixed_scheduled_tokens": 0, "mixed_slot_tokens": 0,
+                       "preemptions": 0}
 
-    def _compile(self, model_cfg: ModelConfig, cfg: EngineConfig):
-        if self.placement is not None and self.backend != "xla":
-            if cfg.attention != "auto":
-                raise ValueError(f"attention={cfg.attention!r} cannot run on a mesh "
-                                 f"(mesh_shape={cfg.mesh_shape!r}) yet: use attention='xla'")
-            self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
-        build = functools.partial(
-            compile_steps, model_cfg, self.layout, self.params, self.cache, self._rope,
-            self.shape, interpret=cfg.pallas_interpret, num_top=self.num_top,
-            placement=self.placement)
-        try:
-            return build(backend=self.backend)
-        except (ValueError, NativeBuildError) as e:
-            if cfg.attention != "auto" or self.backend == "xla":
-                raise
-            # auto chose a kernel whose shape rules this model breaks, or the native CPU
-            # kernel cannot be built here (no compiler): fall back, say why.
-            logging.warning("attention=auto: %s cannot serve this model (%s); using xla",
-                            self.backend, e)
-            self.backend = "xla"
-            return build(backend="xla")
-
-    def _warm_up(self) -> None:
-        """Runs both executables once on an empty batch (it writes only the trash page), so
-        first-use work in the runtime happens at start-up, not in the first served step."""
-        for exe, shape in ((self.executables.mixed, self.executables.mixed_shape),
-                           (self.executables.decode_only, self.executables.decode_shape)):
-            out, self.cache = exe(self.params, self.cache, example_batch(shape),
-                                  self._prev_tokens, self._rope)
-            jax.block_until_ready(out)
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
 
     # -- requests --------------------------------------------------------------------------
 
@@ -216,15 +155,13 @@ class Engine:
         if sched.is_empty:
             return None
         mixed = bool(sched.chunks)
-        exe = self.executables.mixed if mixed else self.executables.decode_only
-        shape = self.executables.mixed_shape if mixed else self.executables.decode_shape
-        batch, plan = build_batch(sched, shape, self.num_global_slots)
+        shape = self.runner.shape(mixed)
+        batch, plan = build_batch(sched, shape, self.runner.num_global_seqs)
         now = time.perf_counter()
         for seq in [c.seq for c in sched.chunks] + sched.decodes:
             if seq.payload.metrics.first_scheduled_time is None:
                 seq.payload.metrics.first_scheduled_time = now
-        out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens, self._rope)
-        self._prev_tokens = out.next_tokens
+        out = self.runner.run(batch, mixed)
         self._count(mixed, sched.num_tokens, shape)
         for work in sched.chunks:
             work.seq.num_computed += work.length
@@ -233,7 +170,7 @@ class Engine:
         for s in plan.sampled:
             seq, req = s.seq, s.seq.payload
             seq.output_ids.append(PENDING)
-            req.pending_global_slot = s.global_slot
+            req.pending_global_slot = s.global_index
             # A length limit is known before the token is: stop scheduling the sequence now.
             if (len(seq.output_ids) >= req.params.max_tokens
                     or seq.num_tokens >= self.cfg.max_model_len):
@@ -248,7 +185,10 @@ class Engine:
         st["steps"] += 1
         st["mixed_steps" if mixed else "decode_steps"] += 1
         st["scheduled_tokens"] += scheduled
-        st["slot_tokens"] += shape.num_chunk_slots * shape.chunk_len + shape.num_decode_slots
+        st["slot_tokens"] += shape.num_tokens
+        if mixed:
+            st["mixed_scheduled_tokens"] += scheduled
+            st["mixed_slot_tokens"] += shape.num_tokens
 
     def _collect(self, inflight: _InFlight) -> list[RequestOutput]:
         out, plan = inflight.out, inflight.plan
@@ -265,7 +205,7 @@ class Engine:
             seq, req = s.seq, s.seq.payload
             if req.finish_reason is not None:
                 continue  # finished by an earlier token while this step was in flight
-            token = int(tokens[s.slot])
+            token = int(tokens[s.index])
             seq.output_ids[s.out_index] = token
             m = req.metrics
             m.token_times.append(t)
@@ -273,9 +213,9 @@ class Engine:
                 m.first_token_time = t
             if req.logprobs is not None:
                 k = req.params.logprobs
-                entry = {int(i): float(v) for i, v in zip(top_ids[s.slot, :k],
-                                                           top_lp[s.slot, :k])}
-                entry[token] = float(lp[s.slot])
+                entry = {int(i): float(v) for i, v in zip(top_ids[s.index, :k],
+                                                           top_lp[s.index, :k])}
+                entry[token] = float(lp[s.index])
                 req.logprobs.append(entry)
             n_out = s.out_index + 1
             reason = req.append_token(token, n_out, len(seq.prompt_ids) + n_out,
@@ -294,7 +234,8 @@ class Engine:
         lp = to_host(out.prompt_logprobs)
         top_ids = to_host(out.prompt_top_ids)
         top_lp = to_host(out.prompt_top_logprobs)
-        for seq, row0, start, length in plan.chunk_rows:
+        for rows in plan.chunk_rows:
+            seq, row0, start, length = rows.seq, rows.first_row, rows.first_position, rows.length
             req: Request = seq.payload
             k = req.params.prompt_logprobs
             n_prompt = len(seq.prompt_ids)
@@ -313,10 +254,13 @@ class Engine:
     @property
     def stats(self) -> dict:
         st = dict(self._stats)
-        st["executables_compiled"] = self.executables.count
+        st["executables_compiled"] = self.runner.executables_compiled
         st["compiles_after_warmup"] = self._counter.count
-        st["startup_compile_s"] = self.startup_compile_s
+        st["startup_compile_s"] = self.runner.startup_compile_s
         st["useful_token_fraction"] = (
             st["scheduled_tokens"] / st["slot_tokens"] if st["slot_tokens"] else 0.0)
+        st["mixed_useful_token_fraction"] = (
+            st["mixed_scheduled_tokens"] / st["mixed_slot_tokens"]
+            if st["mixed_slot_tokens"] else 0.0)
         st["attention_backend"] = self.backend
         return st

@@ -57,11 +57,15 @@ class Request:
         return reason
 
     def output(self, token_ids: list[int], finished: bool) -> RequestOutput:
+        """A snapshot: nothing in it changes when the engine runs on (the lists are copies; the
+        logprob dicts are never modified once made)."""
+        copy = lambda xs: None if xs is None else list(xs)  # noqa: E731
+        metrics = dataclasses.replace(self.metrics, token_times=list(self.metrics.token_times))
         return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
-            text=self.text, token_ids=list(token_ids), finish_reason=self.finish_reason,
-            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs, metrics=self.metrics,
-            finished=finished)
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_ids), text=self.text, token_ids=list(token_ids),
+            finish_reason=self.finish_reason, logprobs=copy(self.logprobs),
+            prompt_logprobs=copy(self.prompt_logprobs), metrics=metrics, finished=finished)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -1,8 +1,10 @@
 """Stall-free continuous batching with chunked prefill (after Sarathi-Serve). Plain Python.
 
 Each step: (1) every running sequence with exactly one token whose K/V is not yet cached gets a
-decode slot; (2) running sequences still prefilling continue into the chunk slots; (3) waiting
-sequences are admitted in arrival order while chunk slots, decode slots and pages last. Pages are
+decode slot; (2) running sequences still prefilling continue into the chunk region; (3) waiting
+sequences are admitted in arrival order while the chunk region's token budget, its sequence
+count, decode slots and pages last. The chunk region is packed: chunks sit back to back (each
+starting at a multiple of `chunk_align` rows) and one sequence may take all that is left. Pages are
 taken lazily, as a sequence grows; when none is left the newest running sequence is preempted
 (its pages freed, its prompt and outputs so far recomputed later), so nothing is lost.
 
@@ -79,6 +81,17 @@ class SchedulerOutput:
         return not self.chunks and not self.decodes
 
 
+def chunk_starts(lengths: list[int], align: int) -> list[int]:
+    """Rows where packed chunks of these lengths start: back to back, each at a multiple of
+    `align`. The batch builder lays chunks out by this rule and the scheduler budgets by it."""
+    starts, row = [], 0
+    for n in lengths:
+        row = -(-row // align) * align
+        starts.append(row)
+        row += n
+    return starts
+
+
 class Scheduler:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -113,10 +126,10 @@ class Scheduler:
                 if self._reserve(seq, seq.num_computed + 1, out):
                     out.decodes.append(seq)
         for seq in list(self.running):
-            if len(out.chunks) == self.cfg.num_chunk_slots:
-                break
             if seq.status == SeqStatus.RUNNING and seq.remaining > 1:
-                length = self._chunk_length(seq)
+                length = self._chunk_length(seq, out)
+                if length == 0:
+                    continue  # a whole unchunked prompt may still fit after a shorter one
                 if self._reserve(seq, seq.num_computed + length, out):
                     out.chunks.append(self._chunk(seq, length))
         self._admit(out)
@@ -128,9 +141,9 @@ class Scheduler:
         while self.waiting and len(self.running) < self.cfg.max_decode_slots:
             seq = self.waiting[0]
             is_decode = seq.remaining == 1
-            if not is_decode and len(out.chunks) == self.cfg.num_chunk_slots:
-                return
-            length = 1 if is_decode else self._chunk_length(seq)
+            length = 1 if is_decode else self._chunk_length(seq, out)
+            if length == 0:
+                return  # no room in the chunk region this step
             needed = self._pages_for(length) - len(seq.pages)
             if needed > self.allocator.num_free:
                 return  # strict arrival order: nobody overtakes the head of the queue
@@ -145,10 +158,22 @@ class Scheduler:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _chunk_length(self, seq: Sequence) -> int:
+    def _chunk_room(self, out: SchedulerOutput) -> int:
+        """Rows a further chunk could take this step (0 when the region or its sequence count
+        is used up)."""
+        if len(out.chunks) >= self.cfg.max_chunk_seqs:
+            return 0
+        lengths = [c.length for c in out.chunks]
+        starts = chunk_starts(lengths + [0], self.cfg.chunk_align)
+        return max(0, self.cfg.chunk_tokens - starts[-1])
+
+    def _chunk_length(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Tokens of `seq` to compute in this step's chunk region; 0 = none fit."""
+        room = self._chunk_room(out)
         if self.cfg.chunk_size == 0:
-            return seq.remaining  # no chunking: the whole rest in one step
-        return min(self.cfg.chunk_size, seq.remaining)
+            # No chunking: the whole rest in one step, or not at all.
+            return seq.remaining if seq.remaining <= room else 0
+        return min(room, seq.remaining)
 
     def _chunk(self, seq: Sequence, length: int) -> ChunkWork:
         return ChunkWork(seq=seq, start=seq.num_computed, length=length,

@@ -1,9 +1,11 @@
-"""The step: one static-shape jitted function over C chunk slots of P tokens + D decode slots.
+"""The step: one static-shape jitted function over a packed chunk region of B prompt tokens
+(shared by up to Sc sequences) + D decode slots.
 
 `step_fn(params, cache, batch) -> (StepOutput, cache)` with the cache donated, so K/V are
 written in place. Two executables are built ahead of time at start-up: the mixed step (chunks +
-decodes) and a decode-only step (C = 0), so a step with no prefill never pays for empty chunk
-slots. Nothing is compiled after that; `StepExecutables` refuses a batch of any other shape.
+decodes) and a decode-only step (B = Sc = 0), so a step with no prefill never pays for an empty
+chunk region. Nothing is compiled after that; `StepExecutables` refuses a batch of any other
+shape.
 """
 
 from __future__ import annotations
@@ -27,32 +29,37 @@ from jaxserve.sampling import SampleOutput, SamplingInputs, sample
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
-    """Everything one step reads; T = C*P + D tokens, S = C + D slots. Structure never varies."""
+    """Everything one step reads; T = B + D rows, S = Sc + D sequences. Structure never varies.
 
-    token_ids: jax.Array  # i32[T]; chunk slot c holds [c*P, (c+1)*P), decode slot d holds C*P+d
+    Sequence s < Sc owns chunk rows [q_starts[s], q_starts[s] + q_lens[s]) of the packed region
+    [0, B) (each start a multiple of chunk_align); decode sequence Sc + d owns row B + d.
+    """
+
+    token_ids: jax.Array  # i32[T]
     # i32[T]; >= 0: take the token from the previous step's `next_tokens` at this index instead
     # (the host schedules step N+1 before step N's tokens have come back).
     prev_index: jax.Array
     positions: jax.Array  # i32[T]
     slot_mapping: jax.Array  # i32[T]; page * page_size + offset; padding -> page 0 (trash)
-    chunk_lens: jax.Array  # i32[C]; real tokens per chunk slot (0 = empty)
-    kv_lens: jax.Array  # i32[S]; context length of each slot's sequence after this step
+    q_starts: jax.Array  # i32[S]; first row of each sequence
+    q_lens: jax.Array  # i32[S]; its rows in this step (0 = unused)
+    kv_lens: jax.Array  # i32[S]; context length of each sequence after this step
     page_table: jax.Array  # i32[S, pages_per_seq]; unused entries 0
-    sample_index: jax.Array  # i32[S]; the token whose logits each slot samples from
-    sampling: SamplingInputs  # per slot
-    prompt_targets: jax.Array  # i32[C*P]; the next prompt token after each chunk token, -1 none
-    want_prompt_logprobs: jax.Array  # bool[]; computes the [C*P, vocab] prompt logprobs only if set
-    want_top_logprobs: jax.Array  # bool[]; computes the per-slot top-K logprobs only if set
+    sample_index: jax.Array  # i32[S]; the row whose logits each sequence samples from
+    sampling: SamplingInputs  # per sequence
+    prompt_targets: jax.Array  # i32[B]; the next prompt token after each chunk row, -1 none
+    want_prompt_logprobs: jax.Array  # bool[]; computes the [B, vocab] prompt logprobs only if set
+    want_top_logprobs: jax.Array  # bool[]; computes the per-sequence top-K logprobs only if set
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
-    sample: SampleOutput  # per slot
-    next_tokens: jax.Array  # i32[C_mixed + D]; sampled tokens by global slot, fed to the next step
-    prompt_logprobs: jax.Array  # f32[C*P]; logprob of prompt_targets (0 where none)
-    prompt_top_ids: jax.Array  # i32[C*P, K]
-    prompt_top_logprobs: jax.Array  # f32[C*P, K]
+    sample: SampleOutput  # per sequence
+    next_tokens: jax.Array  # i32[Sc_mixed + D]; sampled tokens by global index, fed to the next step
+    prompt_logprobs: jax.Array  # f32[B]; logprob of prompt_targets (0 where none)
+    prompt_top_ids: jax.Array  # i32[B, K]
+    prompt_top_logprobs: jax.Array  # f32[B, K]
 
 
 def _prompt_logprobs(model, hidden, targets, num_top):
@@ -67,7 +74,8 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
             rope: jax.Array, *, model_cfg: ModelConfig, layout: WeightLayout,
             shape: AttentionShape, num_global_slots: int, backend: str, interpret: bool,
             num_top: int) -> tuple[StepOutput, KVCache]:
-    """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`;
+    """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`
+    (global index = sequence index in the mixed step; Sc_mixed + d for decode slot d in both);
     `rope` the model's `rope_table` up to max_model_len (built once by the engine)."""
     model = bind(model_cfg, params, layout)
     token_ids = jnp.where(batch.prev_index >= 0,
@@ -81,19 +89,19 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
         kc = cache.k.at[layer, page, offset].set(k.astype(cache.k.dtype))
         vc = cache.v.at[layer, page, offset].set(v.astype(cache.v.dtype))
         o = attend_pages(q, kc, vc, layer=layer, positions=batch.positions,
-                         chunk_lens=batch.chunk_lens, kv_lens=batch.kv_lens,
+                         q_starts=batch.q_starts, q_lens=batch.q_lens, kv_lens=batch.kv_lens,
                          page_table=batch.page_table)
         return o, KVCache(k=kc, v=vc)
 
     hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache, rope)
     out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
                  batch.want_top_logprobs)
-    # Slots are numbered globally (chunk slots of the mixed step first), so a decode-only step's
-    # slot d is C_mixed + d in both executables.
+    # Sequences are numbered globally (chunk sequences of the mixed step first), so decode slot
+    # d is Sc_mixed + d in both executables.
     next_tokens = jnp.zeros((num_global_slots,), jnp.int32).at[
         num_global_slots - out.tokens.shape[0]:].set(out.tokens)
 
-    n = shape.num_chunk_slots * shape.chunk_len
+    n = shape.chunk_tokens
     empty = (jnp.zeros((n,), jnp.float32), jnp.zeros((n, num_top), jnp.int32),
              jnp.zeros((n, num_top), jnp.float32))
     if n:
@@ -107,43 +115,41 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
 
 
 def example_batch(shape: AttentionShape) -> StepBatch:
-    """A batch of the right shapes and dtypes (all slots empty): lowering and warm-up input."""
-    c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
-    t, s = c * p + d, c + d
+    """A batch of the right shapes and dtypes (every sequence unused): lowering and warm-up
+    input, and the host's template for a real batch."""
+    t, s, b = shape.num_tokens, shape.num_seqs, shape.chunk_tokens
     zi = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
     return StepBatch(
         token_ids=zi(t), prev_index=np.full(t, -1, np.int32), positions=zi(t),
-        slot_mapping=zi(t), chunk_lens=zi(c), kv_lens=zi(s),
+        slot_mapping=zi(t), q_starts=zi(s), q_lens=zi(s), kv_lens=zi(s),
         page_table=zi(s, shape.pages_per_seq), sample_index=zi(s),
         sampling=SamplingInputs(
             temperature=np.zeros(s, np.float32), top_k=zi(s), top_p=np.ones(s, np.float32),
             min_p=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32), gen_index=zi(s)),
-        prompt_targets=np.full(c * p, -1, np.int32), want_prompt_logprobs=np.bool_(False),
+        prompt_targets=np.full(b, -1, np.int32), want_prompt_logprobs=np.bool_(False),
         want_top_logprobs=np.bool_(False))
 
 
 @dataclasses.dataclass
 class StepExecutables:
-    """The ahead-of-time compiled mixed and decode-only steps."""
+    """The ahead-of-time compiled steps: the mixed step and, when chunks can happen, a
+    decode-only step (so a step with no prefill never pays for the chunk region)."""
 
     mixed: jax.stages.Compiled
     decode_only: jax.stages.Compiled
     mixed_shape: AttentionShape
     decode_shape: AttentionShape
-
-    @property
-    def count(self) -> int:
-        return 2
+    count: int  # executables actually compiled (counted as they are built)
 
 
 def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: KVCache,
                   rope: jax.Array, shape: AttentionShape, *, backend: str, interpret: bool,
                   num_top: int, placement=None) -> StepExecutables:
     """Compiles both steps ahead of time; with a `sharding.Placement`, for its mesh."""
-    decode_shape = dataclasses.replace(shape, num_chunk_slots=0)
-
-    num_global = shape.num_chunk_slots + shape.num_decode_slots
+    decode_shape = shape.decode_only()
+    num_global = shape.num_seqs
     prev = jax.ShapeDtypeStruct((num_global,), jnp.int32)
+    built = []
 
     def build(s: AttentionShape):
         fn = functools.partial(step_fn, model_cfg=model_cfg, layout=layout, shape=s,
@@ -155,8 +161,13 @@ def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: K
             cache_sh = KVCache(k=placement.cache, v=placement.cache)
             shardings = dict(in_shardings=(placement.params, cache_sh, rep, rep, rep),
                              out_shardings=(rep, cache_sh))
-        return jax.jit(fn, donate_argnums=(1,), **shardings).lower(
+        exe = jax.jit(fn, donate_argnums=(1,), **shardings).lower(
             params, cache, example_batch(s), prev, rope).compile()
+        built.append(s)
+        return exe
 
-    return StepExecutables(mixed=build(shape), decode_only=build(decode_shape),
-                           mixed_shape=shape, decode_shape=decode_shape)
+    mixed = build(shape)
+    # A shape with no chunk region is its own decode-only step: nothing more to build.
+    decode = mixed if shape == decode_shape else build(decode_shape)
+    return StepExecutables(mixed=mixed, decode_only=decode, mixed_shape=shape,
+                           decode_shape=decode_shape, count=len(built))

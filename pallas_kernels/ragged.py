@@ -1,8 +1,9 @@
 """The ragged view both kernels read, its jnp reference, and static input validation.
 
-The engine's step lays queries out as `C` chunk slots of `P` rows (padding after each chunk's
-`chunk_lens[c]` rows) followed by `D` decode rows. The kernels instead read one *ragged* batch,
-the same metadata for TPU and GPU:
+The engine's step lays queries out as a packed chunk region of `B` rows, in which chunk sequence
+s < Sc owns rows [q_starts[s], q_starts[s] + q_lens[s]) (padding between and after them),
+followed by `D` decode rows (decode sequence Sc + d owns row B + d). The kernels instead read one
+*ragged* batch with no padding between sequences, the same metadata for TPU and GPU:
 
     q            [Tq, H, Dh]         live query rows packed back to back, decodes first
     cu_q_lens    i32[S + 1]          sequence s owns packed rows [cu_q_lens[s], cu_q_lens[s+1])
@@ -49,44 +50,36 @@ class StepToRagged:
     dst_rows: jax.Array  # i32[T]; packed row that step row t goes to (T - 1 for padding)
 
 
-def to_ragged(num_chunk_slots: int, chunk_len: int, num_decode_slots: int, chunk_lens,
-              kv_lens, page_table) -> tuple[RaggedMetadata, StepToRagged]:
-    """The step's slot layout as a ragged batch: live decodes first, then live chunks."""
-    c, p, d = num_chunk_slots, chunk_len, num_decode_slots
-    s_total, t_total = c + d, c * p + d
+def to_ragged(chunk_tokens: int, max_chunk_seqs: int, num_decode_slots: int, q_starts,
+              q_lens, kv_lens, page_table) -> tuple[RaggedMetadata, StepToRagged]:
+    """The step's layout as a ragged batch: live decodes first, then live chunks."""
+    b, sc, d = chunk_tokens, max_chunk_seqs, num_decode_slots
+    s_total, t_total = sc + d, b + d
     i32 = jnp.int32
-    dec_live = kv_lens[c:] > 0
-    # Slots in "decodes first" order: index k < D is decode slot k, else chunk slot k - D.
-    q_len_slot = jnp.concatenate([dec_live.astype(i32), chunk_lens.astype(i32)])
-    live = q_len_slot > 0
-    kv_slot = jnp.where(live, jnp.concatenate([kv_lens[c:], kv_lens[:c]]), 0)
-    pt_slot = jnp.concatenate([page_table[c:], page_table[:c]], axis=0)
-    order = jnp.argsort(jnp.logical_not(live), stable=True).astype(i32)  # live first, in order
-    q_lens = q_len_slot[order]
-    cu = jnp.concatenate([jnp.zeros((1,), i32), jnp.cumsum(q_lens, dtype=i32)])
+    q_lens = q_lens.astype(i32)
+    # Sequences in "decodes first" order: index k < D is decode sequence Sc + k, else chunk
+    # sequence k - D; then the live ones first, each group in its own order.
+    perm = jnp.concatenate([jnp.arange(sc, s_total, dtype=i32), jnp.arange(sc, dtype=i32)])
+    live = q_lens[perm] > 0
+    order = perm[jnp.argsort(jnp.logical_not(live), stable=True)]  # step sequence ids
+    q_len_o = q_lens[order]
+    cu = jnp.concatenate([jnp.zeros((1,), i32), jnp.cumsum(q_len_o, dtype=i32)])
     meta = RaggedMetadata(
-        cu_q_lens=cu, kv_lens=kv_slot[order], page_indices=pt_slot[order],
-        num_seqs=jnp.sum(live, dtype=i32)[None], num_decodes=jnp.sum(dec_live, dtype=i32)[None])
+        cu_q_lens=cu, kv_lens=jnp.where(q_len_o > 0, kv_lens[order], 0),
+        page_indices=page_table[order], num_seqs=jnp.sum(live, dtype=i32)[None],
+        num_decodes=jnp.sum(q_lens[sc:] > 0, dtype=i32)[None])
 
-    # Packed row r -> (sequence, offset) -> step row.
+    # Packed row r -> (ragged sequence, offset) -> step row.
     r = jnp.arange(t_total, dtype=i32)
-    seq = jnp.clip(jnp.searchsorted(cu, r, side="right").astype(i32) - 1, 0, s_total - 1)
-    slot = order[seq]
-    offset = r - cu[seq]
-    step_row = jnp.where(slot < d, c * p + slot, (slot - d) * p + offset)
-    src_rows = jnp.where(r < cu[-1], step_row, 0)
+    k = jnp.clip(jnp.searchsorted(cu, r, side="right").astype(i32) - 1, 0, s_total - 1)
+    src_rows = jnp.where(r < cu[-1], q_starts[order[k]] + r - cu[k], 0)
 
-    # Step row t -> packed row (inverse of the above on live rows).
+    # Step row t -> packed row: the inverse on live rows, T - 1 for padding.
     rank = jnp.zeros((s_total,), i32).at[order].set(jnp.arange(s_total, dtype=i32))
-    dst_parts = []
-    if c:
-        chunk_off = jnp.arange(p, dtype=i32)[None, :]
-        chunk_rank = rank[d:][:, None]
-        dst_c = jnp.where(chunk_off < chunk_lens[:, None], cu[chunk_rank] + chunk_off, t_total - 1)
-        dst_parts.append(dst_c.reshape(c * p))
-    dst_parts.append(jnp.where(dec_live, cu[rank[:d]], t_total - 1))
-    dst_rows = jnp.concatenate(dst_parts) if len(dst_parts) > 1 else dst_parts[0]
-    return meta, StepToRagged(src_rows=src_rows, dst_rows=dst_rows)
+    owns = (r[:, None] >= q_starts[None, :]) & (r[:, None] < (q_starts + q_lens)[None, :])
+    seq = jnp.argmax(owns, axis=1)
+    dst_rows = jnp.where(jnp.any(owns, axis=1), cu[rank[seq]] + r - q_starts[seq], t_total - 1)
+    return meta, StepToRagged(src_rows=src_rows, dst_rows=dst_rows.astype(i32))
 
 
 def validate_inputs(q, k_pages, v_pages, meta: RaggedMetadata) -> None:
@@ -166,18 +159,19 @@ def default_scale(head_dim: int) -> float:
     return float(1.0 / np.sqrt(head_dim))
 
 
-def step_attention(ragged_fn, num_chunk_slots: int, chunk_len: int, num_decode_slots: int):
+def step_attention(ragged_fn, chunk_tokens: int, max_chunk_seqs: int, num_decode_slots: int):
     """Adapts `ragged_fn(q, k_pages, v_pages, meta, layer=) -> o` (packed ragged rows) to the
-    engine's step layout: attend(q [T, H, Dh], k_pages, v_pages, *, positions, chunk_lens,
+    engine's step layout: attend(q [T, H, Dh], k_pages, v_pages, *, positions, q_starts, q_lens,
     kv_lens, page_table, layer=None) -> [T, H, Dh]. `positions` is not needed (see the module
     docstring); `layer` selects a layer of a stacked [L, N, ...] cache (see `stacked_cache`)."""
-    c, p, d = num_chunk_slots, chunk_len, num_decode_slots
+    b, sc, d = chunk_tokens, max_chunk_seqs, num_decode_slots
 
-    def attend(q, k_pages, v_pages, *, positions, chunk_lens, kv_lens, page_table, layer=None):
+    def attend(q, k_pages, v_pages, *, positions, q_starts, q_lens, kv_lens, page_table,
+               layer=None):
         del positions
-        if q.shape[0] != c * p + d:
-            raise ValueError(f"{q.shape=} must have C*P + D = {c * p + d} rows")
-        meta, rows = to_ragged(c, p, d, chunk_lens, kv_lens, page_table)
+        if q.shape[0] != b + d:
+            raise ValueError(f"{q.shape=} must have B + D = {b + d} rows")
+        meta, rows = to_ragged(b, sc, d, q_starts, q_lens, kv_lens, page_table)
         o = ragged_fn(q[rows.src_rows], k_pages, v_pages, meta, layer=layer)
         return o[rows.dst_rows]
 

@@ -26,7 +26,7 @@ HF_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 96, "hidden_si
              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
              "num_key_value_heads": 4, "head_dim": 8, "max_position_embeddings": 64,
              "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
-OPTS = dict(chunk_size=8, num_chunk_slots=2, max_decode_slots=3, page_size=4, num_pages=40,
+OPTS = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4, num_pages=40,
             max_model_len=64, max_logprobs=3, weight_layout="hf")
 
 
@@ -38,14 +38,14 @@ def run(mesh_shape: str) -> dict:
     outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False, sampling_params=SamplingParams(
         max_tokens=5, temperature=0, ignore_eos=True, prompt_logprobs=0))
     specs = {}
-    if llm.engine.placement is not None:
-        for path, v in nnx.to_flat_state(llm.engine.params):
+    if llm.engine.runner.placement is not None:
+        for path, v in nnx.to_flat_state(llm.engine.runner.params):
             specs[".".join(map(str, path))] = [str(v.get_value().sharding.spec),
-                                                str(llm.engine.placement.rules.spec(
+                                                str(llm.engine.runner.placement.rules.spec(
                                                     ".".join(map(str, path)),
                                                     v.get_value().ndim))]
-        specs["kv_cache"] = [str(llm.engine.cache.k.sharding.spec),
-                             str(llm.engine.placement.rules.kv_cache_spec())]
+        specs["kv_cache"] = [str(llm.engine.runner.cache.k.sharding.spec),
+                             str(llm.engine.runner.placement.rules.kv_cache_spec())]
     return {"tokens": [o.token_ids for o in outs],
             "prompt_logprobs": [[None if d is None else d[p[i]] for i, d in
                                  enumerate(o.prompt_logprobs)] for o, p in zip(outs, prompts)],
@@ -67,10 +67,10 @@ def checkpoint_roundtrip(folder: str, mesh_shape: str) -> dict:
     llm = LLM(folder, mesh_shape=mesh_shape, **OPTS)
     first = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
     ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
-    save_checkpoint(ckpt, llm.engine.params)
+    save_checkpoint(ckpt, llm.engine.runner.params)
     again = LLM(folder, checkpoint=ckpt, mesh_shape=mesh_shape, **OPTS)
     second = again.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
-    q = again.engine.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].get_value()
+    q = again.engine.runner.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"].get_value()
     return {"first": [o.token_ids for o in first], "second": [o.token_ids for o in second],
             "restored_spec": str(q.sharding.spec), "shards": len(q.addressable_shards)}
 

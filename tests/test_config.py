@@ -120,8 +120,11 @@ def test_engine_config_resolve_defaults():
     eng = EngineConfig(chunk_size=64, max_decode_slots=4, page_size=16).resolve(cfg)
     assert eng.max_model_len == 256 and eng.pages_per_seq == 16
     assert eng.num_pages == 1 + 4 * 16
-    assert eng.num_slots == 2 + 4 and eng.chunk_len == 64
-    assert EngineConfig(chunk_size=0, max_model_len=100).resolve(cfg).chunk_len == 100
+    assert eng.num_seqs == 8 + 4 and eng.chunk_tokens == 64
+    # Unchunked: the region holds a whole max_model_len prompt, rounded up to chunk_align rows.
+    assert EngineConfig(chunk_size=0, max_model_len=100).resolve(cfg).chunk_tokens == 104
+    # A budget above max_model_len is legal: several sequences' chunks pack into it.
+    assert EngineConfig(chunk_size=512, max_model_len=128).resolve(cfg).chunk_tokens == 512
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -129,7 +132,9 @@ def test_engine_config_resolve_defaults():
     (dict(attention="cuda"), "attention='cuda'"),
     (dict(page_size=0), "page_size=0"),
     (dict(chunk_size=-1), "chunk_size=-1"),
-    (dict(num_chunk_slots=1.5), "num_chunk_slots=1.5"),
+    (dict(max_chunk_seqs=1.5), "max_chunk_seqs=1.5"),
+    (dict(max_chunk_seqs=0), "max_chunk_seqs=0"),
+    (dict(chunk_align=0), "chunk_align=0"),
 ])
 def test_engine_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=re.escape(match)):
@@ -139,7 +144,7 @@ def test_engine_config_rejects_bad_values(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_pages=4, max_model_len=128, chunk_size=64), "num_pages=4"),
     (dict(max_model_len=512), "max_model_len=512"),
-    (dict(chunk_size=300), "chunk_size=300"),
+    (dict(chunk_size=300), "chunk_size=300 must be a multiple of chunk_align=8"),
 ])
 def test_engine_config_resolve_errors(kwargs, match):
     cfg = ModelConfig.from_pretrained(FIXTURES / "llama_gqa")

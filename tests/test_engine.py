@@ -11,9 +11,10 @@ import pytest
 from engine_helpers import TINY, char_tokenizer, dense_greedy, dense_logprobs, tiny_params
 from jaxserve import LLM, SamplingParams
 
-# Small chunks (8), few decode slots (requests queue) and few pages (preemption happens).
-TIGHT = dict(chunk_size=8, num_chunk_slots=2, max_decode_slots=3, page_size=4, num_pages=24,
-             max_model_len=64)
+# A small packed budget (16 rows, up to 3 sequences, odd-length chunks aligned to 2 rows), few
+# decode slots (requests queue) and few pages (preemption happens).
+TIGHT = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4,
+             num_pages=24, max_model_len=64)
 
 
 @pytest.fixture(scope="module", params=["cpu", "xla"])
@@ -171,9 +172,8 @@ def test_grouped_decode_buckets_match_dense_reference():
     # 8 decode slots: the reference attention buckets them in 2 groups of 4 (longest contexts
     # first), so a long sequence and short ones decode in the same step with different buckets.
     llm = LLM.from_params(TINY, tiny_params(), strict_compiles=True, chunk_size=8,
-                          num_chunk_slots=2, max_decode_slots=8, page_size=4, max_model_len=64,
-                          attention="xla")
-    assert llm.engine.shape.decode_groups == 2
+                          max_decode_slots=8, page_size=4, max_model_len=64, attention="xla")
+    assert llm.engine.runner.mixed_shape.decode_groups == 2
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, TINY.vocab_size, size=n).tolist()
                for n in (55, 2, 3, 1, 40, 5, 9, 4, 30, 6)]

@@ -11,7 +11,7 @@ from jaxserve.config import EngineConfig
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM.from_params(TINY, tiny_params(), chunk_size=8, num_chunk_slots=1,
+    return LLM.from_params(TINY, tiny_params(), chunk_size=8,
                            max_decode_slots=2, page_size=8, max_model_len=32, max_logprobs=3)
 
 
@@ -56,7 +56,7 @@ def test_too_many_logprobs_and_stop_without_tokenizer(llm):
 @pytest.mark.parametrize("options, match", [
     (dict(chunk_size=8, page_size=8, max_model_len=64, num_pages=8), "num_pages=8 is too small"),
     (dict(chunk_size=8, max_model_len=128), "max_model_len=128 exceeds the model's max_position_embeddings"),
-    (dict(chunk_size=100, max_model_len=64), "chunk_size=100 exceeds max_model_len=64"),
+    (dict(chunk_size=100, max_model_len=64), "chunk_size=100 must be a multiple of chunk_align=8"),
     (dict(dtype="float16"), "dtype='float16'"),
     (dict(attention="cuda"), "attention='cuda'"),
     (dict(max_decode_slots=0), "max_decode_slots=0"),

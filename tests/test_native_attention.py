@@ -42,7 +42,7 @@ def test_kernel_matches_reference_float32(num_heads, num_kv_heads, head_dim, pag
     decodes = [0, 1, page_size, page_size + 1, 3 * page_size - 1, 37, 5 * page_size]
     case = _decode_case(0, decodes, page_size=page_size, num_heads=num_heads,
                         num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=np.float32)
-    shape = AttentionShape(0, 1, len(decodes), page_size, case.page_table.shape[1])
+    shape = AttentionShape(0, 0, len(decodes), page_size, case.page_table.shape[1])
     ref = jax.jit(functools.partial(reference_attention, shape=shape))(
         case.q, case.k_pages, case.v_pages, **case.kwargs())
     got = jax.jit(lambda q, k, v: paged_attention_rows(
@@ -58,7 +58,7 @@ def test_kernel_bfloat16_within_bf16_rounding():
     case = _decode_case(1, [3, 16, 40], page_size=8, num_heads=6, num_kv_heads=2, head_dim=64,
                         dtype=np.float32)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    shape = AttentionShape(0, 1, 3, 8, case.page_table.shape[1])
+    shape = AttentionShape(0, 0, 3, 8, case.page_table.shape[1])
     # The reference sees the same bf16-rounded inputs, in float32.
     f32 = lambda x: bf(x).astype(jnp.float32)  # noqa: E731
     ref = reference_attention(f32(case.q), f32(case.k_pages), f32(case.v_pages),
@@ -125,7 +125,8 @@ def test_cpu_backend_step_matches_reference(num_heads, num_kv_heads, head_dim, p
     case = make_step_case(np.random.default_rng(6), chunks=chunks, chunk_len=p,
                           decodes=decodes, page_size=page_size, pages_per_seq=pages_per_seq,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    shape = AttentionShape(len(chunks), p, len(decodes), page_size, pages_per_seq)
+    shape = AttentionShape(case.chunk_tokens, case.max_chunk_seqs, len(decodes), page_size,
+                           pages_per_seq)
     ref = jax.jit(functools.partial(reference_attention, shape=shape))(
         case.q, case.k_pages, case.v_pages, **case.kwargs())
     got = np.asarray(jax.jit(attention_fn("cpu", shape))(case.q, case.k_pages, case.v_pages,
@@ -139,7 +140,7 @@ def test_cpu_backend_bfloat16_step():
     case = make_step_case(np.random.default_rng(7), chunks=[(20, 45), (5, 5)], chunk_len=20,
                           decodes=[33, 2], page_size=8, pages_per_seq=6, num_heads=6,
                           num_kv_heads=2, head_dim=64)
-    shape = AttentionShape(2, 20, 2, 8, 6)
+    shape = AttentionShape(case.chunk_tokens, case.max_chunk_seqs, 2, 8, 6)
     f32 = lambda x: jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)  # noqa: E731
     ref = reference_attention(f32(case.q), f32(case.k_pages), f32(case.v_pages), shape=shape,
                               **case.kwargs())
@@ -185,7 +186,7 @@ def test_bfloat16_engine_agrees_with_the_xla_backend():
     # End to end in bfloat16: the kernel's prompt logprobs against the XLA reference's, with
     # chunks split across steps and pages (chunk 8, pages of 4).
     params = init_params(TINY, seed=0, dtype="bfloat16")
-    opts = dict(dtype="bfloat16", chunk_size=8, num_chunk_slots=2, max_decode_slots=3,
+    opts = dict(dtype="bfloat16", chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3,
                 page_size=4, max_model_len=64)
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, TINY.vocab_size, size=n).tolist() for n in (1, 9, 17, 30)]

@@ -24,8 +24,12 @@ def define_engine_flags() -> None:
                         "Device mesh, e.g. model=8 or data=2,model=4 ('' = one device).")
     flags.DEFINE_boolean("distributed", False,
                          "Call jax.distributed.initialize() first (multi-host TPU pods).")
-    flags.DEFINE_integer("chunk_size", _E.chunk_size, "Prompt tokens per chunk slot; 0 = off.")
-    flags.DEFINE_integer("num_chunk_slots", _E.num_chunk_slots, "Chunk slots per step.")
+    flags.DEFINE_integer("chunk_size", _E.chunk_size,
+                         "Prompt tokens per step (the packed chunk region); 0 = no chunking.")
+    flags.DEFINE_integer("max_chunk_seqs", _E.max_chunk_seqs,
+                         "Most sequences whose prompt chunks share one step.")
+    flags.DEFINE_integer("chunk_align", _E.chunk_align,
+                         "Each chunk starts at a multiple of this many rows (1 = tight).")
     flags.DEFINE_integer("max_decode_slots", _E.max_decode_slots,
                          "Decode slots per step (= most sequences running at once).")
     flags.DEFINE_integer("page_size", _E.page_size, "Tokens per KV-cache page.")

@@ -1,0 +1,110 @@
+"""The device side of the engine: params in their serving layout, the paged KV cache, the
+compiled step executables, warm-up and the choice of attention backend.
+
+`Engine` (the host loop) hands a built `StepBatch` to `Runner.run` and never touches a device
+array itself, except to read a step's outputs back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.attention import AttentionShape, resolve_backend
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.kv_cache import init_cache
+from jaxserve.models.functional import (abstract_params, resolve_layout, to_jnp_dtype,
+                                        to_layout)
+from jaxserve.models.llama import rope_table
+from jaxserve.native.build import NativeBuildError
+from jaxserve.sharding import make_placement, shard_params
+from jaxserve.step import StepBatch, StepOutput, compile_steps, example_batch
+
+
+class Runner:
+    """Owns everything on the device. `cfg` must be resolved (`EngineConfig.resolve`)."""
+
+    def __init__(self, model_cfg: ModelConfig, params, cfg: EngineConfig):
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.backend = resolve_backend(cfg.attention)
+        dtype = to_jnp_dtype(cfg.dtype)
+        leaf_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        if leaf_dtype != dtype:
+            raise ValueError(f"params are {leaf_dtype} but the engine was asked for "
+                             f"dtype={cfg.dtype!r}; load the model with the same dtype")
+        self.placement = None
+        if cfg.mesh_shape:
+            # The sharding table speaks Hugging Face's layout: a mesh keeps it.
+            if cfg.weight_layout not in ("auto", "hf"):
+                raise ValueError(f"weight_layout={cfg.weight_layout!r} cannot be combined with "
+                                 f"mesh_shape={cfg.mesh_shape!r}; use 'hf' (or 'auto')")
+            self.placement = make_placement(model_cfg, cfg.mesh_shape,
+                                            abstract_params(model_cfg, cfg.dtype))
+            if self.backend != "xla":
+                if cfg.attention != "auto":
+                    raise ValueError(f"attention={cfg.attention!r} cannot run on a mesh "
+                                     f"(mesh_shape={cfg.mesh_shape!r}) yet: use attention='xla'")
+                self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
+        # Converted once to the serving layout; the caller's params are left as they are.
+        self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout)
+        self.params = to_layout(model_cfg, params, self.layout)
+        if self.placement:
+            self.params = shard_params(self.params, self.placement.params)
+        self.num_top = max(1, min(cfg.max_logprobs, model_cfg.vocab_size))
+        self.mixed_shape = AttentionShape(
+            chunk_tokens=cfg.chunk_tokens, max_chunk_seqs=cfg.max_chunk_seqs,
+            num_decode_slots=cfg.max_decode_slots, page_size=cfg.page_size,
+            pages_per_seq=cfg.pages_per_seq, chunk_align=cfg.chunk_align)
+        self.cache = init_cache(model_cfg, cfg, dtype,
+                                self.placement.cache if self.placement else None)
+        self.num_global_seqs = self.mixed_shape.num_seqs
+        self._prev_tokens = jnp.zeros((self.num_global_seqs,), jnp.int32)
+        self._rope = rope_table(model_cfg.rope, model_cfg.head_dim, cfg.max_model_len, dtype)
+        if self.placement:
+            self._prev_tokens = jax.device_put(self._prev_tokens, self.placement.replicated)
+            self._rope = jax.device_put(self._rope, self.placement.replicated)
+        t0 = time.perf_counter()
+        self.executables = self._compile()
+        self._warm_up()
+        self.startup_compile_s = time.perf_counter() - t0
+
+    def _compile(self):
+        build = functools.partial(
+            compile_steps, self.model_cfg, self.layout, self.params, self.cache, self._rope,
+            self.mixed_shape, interpret=self.cfg.pallas_interpret, num_top=self.num_top,
+            placement=self.placement)
+        if self.backend == "cpu" and self.cfg.attention == "auto":
+            # Decided before compiling, from what is known: can the native kernel be built here?
+            from jaxserve.native import build as native_build
+            try:
+                native_build.load()
+            except NativeBuildError as e:
+                logging.warning("attention=auto: the native CPU kernel cannot be built here "
+                                "(%s); using xla", e)
+                self.backend = "xla"
+        return build(backend=self.backend)
+
+    def _warm_up(self) -> None:
+        """Runs each executable once on an empty batch (it writes only the trash page), so
+        first-use work in the runtime happens at start-up, not in the first served step."""
+        for mixed in (True, False):
+            jax.block_until_ready(self.run(example_batch(self.shape(mixed)), mixed))
+
+    @property
+    def executables_compiled(self) -> int:
+        return self.executables.count
+
+    def shape(self, mixed: bool) -> AttentionShape:
+        return self.executables.mixed_shape if mixed else self.executables.decode_shape
+
+    def run(self, batch: StepBatch, mixed: bool) -> StepOutput:
+        """Dispatches one step (asynchronously): the cache is updated in place and the sampled
+        tokens stay on the device for the next step's `prev_index` reads."""
+        exe = self.executables.mixed if mixed else self.executables.decode_only
+        out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens, self._rope)
+        self._prev_tokens = out.next_tokens
+        return out
