@@ -13,7 +13,11 @@ JSON shape (times in seconds after the run's start, latencies in ms):
              "compiles_after_warmup", "goodput": {...} | null, "roofline": {...},
              "steps": [{"kind", "start_s", "end_s", "scheduled_tokens", "sampled"}], "stats"}],
    "comparison": {metric: chunked / unchunked} (with --compare_chunking),
-   "peer": {...} (with --peer)}
+   "peer": {...} (with --peer; vllm: {"name": "vllm", "vllm_version", "startup_s",
+            "prefix_caching": false, "arrivals", "env", "run": {the throughput / latency
+            figures and "requests" as above, "engine_args", "steps"}, "ratios": {jaxserve mode:
+            {metric: jaxserve / vLLM}}, "greedy_agreement", "interference"}, or
+            {"name", "skipped": why})}
 """
 
 from __future__ import annotations
@@ -25,32 +29,38 @@ from jaxserve.bench.runner import RunResult
 from jaxserve.metrics import format_columns, format_table, summarize
 
 
-def run_json(mode: str, engine_cfg, result: RunResult, roofline: dict,
-             goodput: dict | None) -> dict:
-    outputs = result.ordered_outputs()
-    s = summarize(outputs, result.wall_s)
-    t0 = result.t0
+def latency_json(outputs: list, wall_s: float, t0: float = 0.0) -> dict:
+    """The figures every engine's run has (jaxserve's and a peer's alike): throughput, the
+    TTFT / TPOT / ITL / E2E distributions and each request's times (seconds after `t0`)."""
+    s = summarize(outputs, wall_s)
     requests = []
-    for r, o in zip(result.requests, outputs):
+    for o in outputs:
         m = o.metrics
         requests.append({
-            "id": r.id, "arrival_s": m.arrival_time - t0,
+            "id": o.request_id, "arrival_s": m.arrival_time - t0,
             "first_token_s": m.first_token_time - t0,
             "token_times_s": [t - t0 for t in m.token_times],
             "finished_s": m.finished_time - t0,
             "prompt_len": len(o.prompt_token_ids), "output_len": len(o.token_ids),
             "preemptions": m.num_preemptions})
-    st = result.stats
     return {
-        "mode": mode, "chunk_size": engine_cfg.chunk_size,
-        "engine": dataclasses.asdict(engine_cfg),
         "num_requests": s["requests"], "prompt_tokens": s["prompt_tokens"],
-        "output_tokens": s["output_tokens"], "duration_s": result.wall_s,
-        "request_throughput_req_s": s["requests"] / result.wall_s if result.wall_s else 0.0,
+        "output_tokens": s["output_tokens"], "duration_s": wall_s,
+        "request_throughput_req_s": s["requests"] / wall_s if wall_s else 0.0,
         "output_throughput_tok_s": s["output_throughput_tok_s"],
         "total_throughput_tok_s": s["total_throughput_tok_s"],
         "ttft_ms": s["ttft_ms"], "tpot_ms": s["tpot_ms"], "itl_ms": s["itl_ms"],
-        "e2e_ms": s["e2e_ms"],
+        "e2e_ms": s["e2e_ms"], "requests": requests}
+
+
+def run_json(mode: str, engine_cfg, result: RunResult, roofline: dict,
+             goodput: dict | None) -> dict:
+    lat = latency_json(result.ordered_outputs(), result.wall_s, result.t0)
+    requests = lat.pop("requests")
+    st = result.stats
+    return {
+        "mode": mode, "chunk_size": engine_cfg.chunk_size,
+        "engine": dataclasses.asdict(engine_cfg), **lat,
         "useful_token_fraction": st["useful_token_fraction"],
         "executables_compiled": st["executables_compiled"],
         "compiles_after_warmup": st["compiles_after_warmup"],
@@ -99,6 +109,8 @@ def serve_table(run: dict) -> str:
     if g:
         rows.append(("Request goodput (req/s)", _f(g["goodput_req_s"])))
     rows += _latency_rows(run)
+    if "roofline" not in run:  # a peer's run: no engine figures
+        return format_table(rows, f" Serving Benchmark Result: {run['mode']} ")
     r = run["roofline"]
     rows += [("Engine", None),
              ("Steps (mixed / decode)", f"{r['mixed_steps']} / {r['decode_steps']}"),
@@ -149,6 +161,38 @@ def compare_table(a: dict, b: dict) -> str:
     header = ["", f"{a['mode']} ({a['chunk_size']})", f"{b['mode']} ({b['chunk_size']})",
               "ratio"]
     return format_columns(header, rows, " Chunked vs unchunked prefill ")
+
+
+# The rows a peer has too (it has no roofline or padding figures); ratio = jaxserve / peer.
+_PEER_COMPARE = [row for row in _COMPARE if row[0] not in (
+    "MFU (mixed steps)", "MBU (decode steps)", "Useful-token fraction")] + [
+    ("Requests/s", lambda r: r["request_throughput_req_s"]),
+    ("Mean ITL (ms)", lambda r: r["itl_ms"]["mean"]),
+    ("Mean E2EL (ms)", lambda r: r["e2e_ms"]["mean"])]
+
+
+def peer_comparison(run: dict, peer_run: dict) -> dict:
+    """{metric: jaxserve run / peer run} over the figures both engines have."""
+    out = {}
+    for label, get in _PEER_COMPARE:
+        x, y = get(run), get(peer_run)
+        out[label] = x / y if y and not math.isnan(y) else float("nan")
+    return out
+
+
+def vllm_table(runs: list[dict], peer: dict) -> str:
+    """Every jaxserve run beside vLLM's, with a ratio (jaxserve / vLLM) column per run."""
+    v = peer["run"]
+    rows = []
+    for label, get in _PEER_COMPARE:
+        rows.append([label, *(_f(get(r), 3) for r in runs), _f(get(v), 3),
+                     *(_f(peer["ratios"][r["mode"]][label], 3) for r in runs)])
+    header = ["", *(f"jaxserve {r['mode']}" for r in runs), "vLLM",
+              *(f"{r['mode']}/vLLM" if len(runs) > 1 else "ratio" for r in runs)]
+    prefill = "chunked" if v["engine_args"]["enable_chunked_prefill"] else "unchunked"
+    title = (f" Peer: vLLM {peer['vllm_version']} ({prefill}, prefix cache off); "
+             "ratio = jaxserve / vLLM ")
+    return format_columns(header, rows, title)
 
 
 def machine_table(m: dict) -> str:

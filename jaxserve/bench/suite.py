@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
+import os
 import sys
 from typing import Callable
 
@@ -15,6 +17,8 @@ from jaxserve.bench import report as rep
 from jaxserve.bench import roofline, runner, workloads
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.metrics import goodput
+
+PEERS = (None, "hf", "vllm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,8 @@ class BenchOptions:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     seed: int = 0  # of the random workloads
-    peer: str | None = None  # "hf"
+    peer: str | None = None  # "hf" | "vllm"
+    vllm_python: str | None = None  # peer=vllm: the venv's python (None: $JAXSERVE_VLLM_PYTHON...)
     matmul_n: int = 0  # 0: the platform's default GEMM size
     copy_bytes: int = 0  # 0: the platform's default copy size
     progress: bool = True
@@ -48,8 +53,8 @@ class BenchOptions:
             raise ValueError(f"workload={self.workload!r} must be one of {workloads.WORKLOADS}")
         if self.workload == "trace" and not self.trace_file:
             raise ValueError("workload=trace needs a trace_file")
-        if self.peer not in (None, "hf"):
-            raise ValueError(f"peer={self.peer!r} must be 'hf' or unset")
+        if self.peer not in PEERS:
+            raise ValueError(f"peer={self.peer!r} must be one of {PEERS[1:]} or unset")
         for name in ("num_prompts", "input_len", "output_len", "num_streams",
                      "stream_prompt_len", "num_long_prompts", "long_prompt_len",
                      "long_output_len"):
@@ -98,9 +103,11 @@ def _round_up(n: int, m: int) -> int:
 
 def mode_config(mode: str, engine_options: dict, need: int, model_cfg: ModelConfig
                 ) -> EngineConfig:
-    """The engine of one mode. Unchunked prefills a whole prompt in one chunk slot of
-    max_model_len tokens, so that slot is sized to the workload (its longest prompt + output)
-    unless max_model_len is given, and it gets one chunk slot."""
+    """The engine of one mode. Unchunked (chunk_size=0) prefills every prompt whole, in a chunk
+    region of max_model_len tokens, so max_model_len is sized to the workload (its longest prompt
+    + output) unless given. Everything else, max_chunk_seqs included, stays as given: several
+    whole prompts may share a step, as in vLLM without chunked prefill, so chunking is the only
+    difference between the modes."""
     from jaxserve.llm import engine_config
 
     if mode == "chunked":
@@ -110,8 +117,7 @@ def mode_config(mode: str, engine_options: dict, need: int, model_cfg: ModelConf
     page = engine_options.get("page_size") or EngineConfig.page_size
     max_len = engine_options.get("max_model_len") or min(
         _round_up(need, page), model_cfg.max_position_embeddings)
-    return engine_config(**{**engine_options, "chunk_size": 0, "num_chunk_slots": 1,
-                            "max_model_len": max_len})
+    return engine_config(**{**engine_options, "chunk_size": 0, "max_model_len": max_len})
 
 
 def _check_lengths(reqs, max_model_len: int, mode: str) -> None:
@@ -143,6 +149,7 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     modes = ["chunked", "unchunked"] if opts.compare_chunking else (
         ["chunked"] if chunked else ["unchunked"])
 
+    vllm = _check_vllm(opts, model_path, log) if opts.peer == "vllm" else None
     reqs = make_workload(opts, model_cfg.vocab_size, sampling, log=log)
     need = max(r.prompt_len + r.params.max_tokens for r in reqs)
     if need > model_cfg.max_position_embeddings:
@@ -158,6 +165,7 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
             f"max_decode_slots={slots}: a long prompt then waits for a stream to finish instead "
             "of interfering with it")
     runs = []
+    first_tokens: dict[str, list[int]] = {}  # the first run's outputs (vLLM's agreement check)
     for i, mode in enumerate(modes):
         cfg = mode_config(mode, engine_options, need, model_cfg)
         _check_lengths(reqs, cfg.resolve(model_cfg).max_model_len, mode)  # before compiling
@@ -181,6 +189,8 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
             good = goodput(result.ordered_outputs(), result.wall_s, opts.slo_ttft_ms,
                            opts.slo_tpot_ms)
         runs.append(rep.run_json(mode, engine.cfg, result, roof, good))
+        if i == 0:
+            first_tokens = {o.request_id: list(o.token_ids) for o in result.ordered_outputs()}
         if not keep_engines:  # free its cache and params before the next mode's engine
             del engines[cfg], engine, result
             gc.collect()
@@ -193,6 +203,9 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
                              "ratios": rep.comparison(runs[0], runs[1])}
     if opts.peer == "hf":
         out["peer"] = _run_peer(opts, model_path, reqs, engine_options, dtype, log)
+    elif opts.peer == "vllm":
+        out["peer"] = _run_vllm(opts, vllm, model_path, reqs, runs, first_tokens,
+                                model_cfg.vocab_size, log)
     return out
 
 
@@ -218,3 +231,75 @@ def _run_peer(opts, model_path, reqs, engine_options, dtype, log) -> dict:
     batch = engine_options.get("max_decode_slots") or EngineConfig.max_decode_slots
     log(f"peer: Hugging Face generate, static batches of {batch} ...")
     return peer.run_hf(model_path, reqs, batch_size=batch, dtype=dtype, progress=opts.progress)
+
+
+def _check_vllm(opts, model_path, log) -> dict:
+    """Before any jaxserve run: the vLLM venv's python and version, or VllmUnavailable (a
+    ValueError naming what to install)."""
+    from jaxserve.bench import vllm_peer
+
+    if model_path is None:
+        raise ValueError("--peer=vllm loads the checkpoint from a folder; none was given")
+    with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+        if "model_type" not in json.load(f):
+            raise ValueError(f"--peer=vllm: {model_path}/config.json has no \"model_type\", "
+                             "which vLLM needs to pick the architecture")
+    python = vllm_peer.find_python(opts.vllm_python)
+    log(f"peer: checking vLLM under {python} ...")
+    version = vllm_peer.probe(python)
+    log(f"peer: vLLM {version}")
+    return {"python": python, "version": version}
+
+
+def _run_vllm(opts, vllm, model_path, reqs, runs, first_tokens, vocab_size, log) -> dict:
+    """vLLM on the same requests (see vllm_peer); its run in the layout of jaxserve's."""
+    from jaxserve.bench import vllm_peer
+
+    first = runs[0]
+    args = vllm_peer.engine_args(first["engine"])
+    prompt_len = max(1, min(32, first["engine"]["max_model_len"] - 9))  # as runner.warm_up
+    job = {"model": os.path.abspath(model_path), "engine": args,
+           "warmup": {"prompt_token_ids": [(7 * i + 1) % vocab_size for i in range(prompt_len)],
+                      "max_tokens": 8},
+           "requests": vllm_peer.vllm_requests(reqs, first)}
+    log(f"peer: vLLM {vllm['version']} in its own process (start-up takes about a minute) ...")
+    try:
+        result = vllm_peer.run_worker(vllm["python"], job)
+    except RuntimeError as e:  # keep jaxserve's runs; say why vLLM has none
+        log(f"peer failed: {e}")
+        return {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
+                "skipped": str(e).splitlines()[0]}
+    log(f"peer: vLLM started in {result['startup_s']:.1f} s; its timed run took "
+        f"{result['wall_s']:.2f} s")
+    return vllm_peer_report(opts, vllm, result, reqs, runs, first_tokens)
+
+
+def vllm_peer_report(opts, vllm: dict, result: dict, reqs, runs: list[dict],
+                     first_tokens: dict[str, list[int]]) -> dict:
+    """The worker's `result` as the report's "peer": its run (the same figures as jaxserve's,
+    by the same code), the ratios jaxserve / vLLM per jaxserve run, and the checks."""
+    from jaxserve.bench import vllm_peer
+
+    outputs = vllm_peer.to_outputs(result, reqs)
+    run = rep.latency_json(outputs, result["wall_s"])
+    good = None
+    if opts.slo_ttft_ms is not None or opts.slo_tpot_ms is not None:
+        good = goodput(outputs, result["wall_s"], opts.slo_ttft_ms, opts.slo_tpot_ms)
+    run.update(mode="vllm", engine_args=result["engine_args"], goodput=good,
+               steps=result["steps"])
+    peer = {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
+            "torch_version": result.get("torch_version"),
+            "torch_threads": result.get("torch_threads"),
+            "startup_s": result.get("startup_s"), "env": result.get("env", {}),
+            "prefix_caching": False,
+            "arrivals": ("the workload's arrival times; anchored requests (interference's long "
+                         "prompts) at the absolute times they arrived in jaxserve's "
+                         f"{runs[0]['mode']} run"),
+            "run": run,
+            "ratios": {r["mode"]: rep.peer_comparison(r, run) for r in runs}}
+    if all(r.params.temperature == 0 for r in reqs):
+        peer["greedy_agreement"] = vllm_peer.agreement(first_tokens, outputs)
+    check = vllm_peer.interference_check(outputs, reqs)
+    if check:
+        peer["interference"] = check
+    return peer

