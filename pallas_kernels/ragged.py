@@ -56,7 +56,8 @@ def to_ragged(chunk_tokens: int, max_chunk_seqs: int, num_decode_slots: int, q_s
     b, sc, d = chunk_tokens, max_chunk_seqs, num_decode_slots
     s_total, t_total = sc + d, b + d
     i32 = jnp.int32
-    q_lens = q_lens.astype(i32)
+    q_starts, q_lens, kv_lens, page_table = (
+        jnp.asarray(x, i32) for x in (q_starts, q_lens, kv_lens, page_table))
     # Sequences in "decodes first" order: index k < D is decode sequence Sc + k, else chunk
     # sequence k - D; then the live ones first, each group in its own order.
     perm = jnp.concatenate([jnp.arange(sc, s_total, dtype=i32), jnp.arange(sc, dtype=i32)])

@@ -1,9 +1,12 @@
 """The Pallas kernels in interpret mode against the engine's XLA reference attention.
 
-Every case mixes: an empty chunk slot, a chunk that is a whole prompt, a one-token chunk just
-past a page boundary, a chunk ending exactly on a page boundary, decodes of 1 token, of exactly
-one page, of a full page table, and empty decode slots. Pages nobody owns, the tail of each
-sequence's last page and padding query rows are NaN, so a read past the end shows.
+Every case packs, back to back in one chunk region: a chunk that is a whole prompt, an unused
+chunk sequence, a one-token chunk just past a page boundary, a chunk ending exactly on a page
+boundary that straddles row 8 (where a fixed slot of 8 rows would have ended), several short
+chunks, and an empty tail; plus decodes of 1 token, of exactly one page, of a full page table,
+and empty decode slots. Pages nobody owns, the tail of each sequence's last page and padding
+query rows are NaN, so a read past the end shows. The reference itself is checked against
+`ragged_reference` (dense, per row) with tight and aligned packing.
 """
 
 from __future__ import annotations
@@ -22,24 +25,33 @@ from pallas_kernels.ragged import RaggedMetadata, ragged_reference, step_attenti
 from pallas_kernels.testing import make_step_case
 from jax.experimental.pallas import tpu as pltpu
 
-CHUNK_LEN = 8
+CHUNK_TOKENS = 24  # 19 rows used: a 5-row empty tail
 PAGES_PER_SEQ = 5
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
 
-def _case(seed, *, page_size, ratio, dtype, decode_only=False, head_dim=8, num_kv_heads=2):
+def _chunks(ps):
+    return [(8, 8), (0, 0), (1, 2 * ps + 1), (5, 3 * ps), (2, 2), (1, 7), (2, 4 * ps)]
+
+
+def _case(seed, *, page_size, ratio, dtype, decode_only=False, head_dim=8, num_kv_heads=2,
+          chunk_align=1):
     ps = page_size
-    chunks = [] if decode_only else [(8, 8), (0, 0), (1, 2 * ps + 1), (5, 3 * ps)]
+    chunks = [] if decode_only else _chunks(ps)
     decodes = [1, 0, ps, 2 * ps + 1, PAGES_PER_SEQ * ps, 0]
     return make_step_case(
-        np.random.default_rng(seed), chunks=chunks, chunk_len=CHUNK_LEN, decodes=decodes,
-        page_size=ps, pages_per_seq=PAGES_PER_SEQ, num_heads=ratio * num_kv_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=jnp.dtype(dtype))
+        np.random.default_rng(seed), chunks=chunks, decodes=decodes, page_size=ps,
+        pages_per_seq=PAGES_PER_SEQ, num_heads=ratio * num_kv_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=jnp.dtype(dtype),
+        chunk_align=chunk_align,
+        # Aligned packing needs more rows: then just enough (the last block's rest is a tail).
+        chunk_tokens=0 if decode_only else CHUNK_TOKENS if chunk_align == 1 else None)
 
 
-def _shape(case, page_size):
-    c = len(case.chunk_lens)
-    return AttentionShape(c, CHUNK_LEN, len(case.kv_lens) - c, page_size, PAGES_PER_SEQ)
+def _shape(case, page_size, chunk_align=1):
+    return AttentionShape(case.chunk_tokens, case.max_chunk_seqs,
+                          len(case.kv_lens) - case.max_chunk_seqs, page_size, PAGES_PER_SEQ,
+                          chunk_align)
 
 
 # CPU compiles dominate these tests; the kernels' numerics do not depend on XLA's CPU
@@ -73,7 +85,7 @@ def _check(out, key):
 
 def _run(kernel, key):
     case, shape, _ = _case_and_reference(*key)
-    fn = step_attention(kernel, shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots)
+    fn = step_attention(kernel, shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots)
     return _call(fn, case)
 
 
@@ -106,14 +118,14 @@ def test_gpu_kernel_matches_reference(key):
     blocks = gpu.GpuBlockSizes(decode_kv_tokens=page_size, decode_split_tokens=2 * page_size,
                                chunk_tile_rows=8, chunk_kv_tokens=2 * page_size)
     kernel = functools.partial(gpu.ragged_paged_attention, max_decodes=shape.num_decode_slots,
-                               max_chunks=shape.num_chunk_slots, max_chunk_len=CHUNK_LEN,
+                               max_chunks=shape.max_chunk_seqs, max_chunk_len=CHUNK_TOKENS,
                                blocks=blocks, interpret=True)
     _check(_run(kernel, key), key)
 
 
 @pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
 def test_decode_only_step_through_attention_fn_with_default_blocks(backend):
-    """The engine's decode-only executable (C = 0), block sizes from the tuning tables."""
+    """The engine's decode-only executable (B = 0), block sizes from the tuning tables."""
     key = (4, 4, "float32", True)
     case, shape, _ = _case_and_reference(*key)
     _check(_call(attention_fn(backend, shape, interpret=True), case), key)
@@ -133,30 +145,53 @@ def test_stacked_cache_with_a_traced_layer_index(backend):
     _check(fn(case.q, k_all, v_all, jnp.int32(1), case.kwargs()), key)
 
 
+def _ragged_oracle(shape):
+    b, sc, d = shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots
+
+    def fn(q, k_pages, v_pages, **kw):
+        meta, rows = to_ragged(b, sc, d, kw["q_starts"], kw["q_lens"], kw["kv_lens"],
+                               kw["page_table"])
+        o = ragged_reference(q[rows.src_rows], k_pages, v_pages, meta,
+                             sm_scale=1 / np.sqrt(q.shape[-1]))
+        return o[rows.dst_rows]
+
+    return fn
+
+
 def test_ragged_view_round_trip_and_kernel_reference():
     """to_ragged packs live rows decodes-first; ragged_reference agrees with the engine's."""
     key = CASES[1]
     case, shape, _ = _case_and_reference(*key)
-    c, p, d = shape.num_chunk_slots, shape.chunk_len, shape.num_decode_slots
-    meta, rows = to_ragged(c, p, d, case.chunk_lens, case.kv_lens, case.page_table)
+    b, sc, d = shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots
+    meta, rows = to_ragged(b, sc, d, case.q_starts, case.q_lens, case.kv_lens, case.page_table)
     n_live = int(case.live_rows.sum())
-    num_dec = int((case.kv_lens[c:] > 0).sum())
+    num_dec = int((case.kv_lens[sc:] > 0).sum())
     assert int(meta.cu_q_lens[-1]) == n_live and int(meta.num_decodes[0]) == num_dec
-    assert int(meta.num_seqs[0]) == num_dec + int((case.chunk_lens > 0).sum())
+    assert int(meta.num_seqs[0]) == num_dec + int((case.q_lens[:sc] > 0).sum())
     q_lens = np.diff(np.asarray(meta.cu_q_lens))
     assert (q_lens[:num_dec] == 1).all() and (q_lens[num_dec:int(meta.num_seqs[0])] > 0).all()
     src = np.asarray(rows.src_rows)[:n_live]
     dst = np.asarray(rows.dst_rows)
     assert sorted(src) == sorted(np.flatnonzero(case.live_rows))
     np.testing.assert_array_equal(dst[src], np.arange(n_live))
+    _check(_call(_ragged_oracle(shape), case), key)
 
-    def fn(q, k_pages, v_pages, **kw):
-        meta, rows = to_ragged(c, p, d, kw["chunk_lens"], kw["kv_lens"], kw["page_table"])
-        o = ragged_reference(q[rows.src_rows], k_pages, v_pages, meta,
-                             sm_scale=1 / np.sqrt(q.shape[-1]))
-        return o[rows.dst_rows]
 
-    _check(_call(fn, case), key)
+@pytest.mark.parametrize("chunk_align", [1, 2, 4, 8])
+def test_reference_matches_the_dense_ragged_oracle_at_every_alignment(chunk_align):
+    """The reference attends in blocks of chunk_align rows (one gather per block): packed
+    chunks aligned to 1, 2, 4 or 8 rows give what the per-row dense oracle gives."""
+    ps = 4
+    case = _case(3, page_size=ps, ratio=2, dtype="float32", chunk_align=chunk_align)
+    shape = _shape(case, ps, chunk_align)
+    assert case.chunk_tokens % chunk_align == 0
+    starts = case.q_starts[:shape.max_chunk_seqs]
+    assert (starts % chunk_align == 0).all()
+    ref = np.asarray(_call(functools.partial(reference_attention, shape=shape), case))
+    want = np.asarray(_call(_ragged_oracle(shape), case))
+    live = case.live_rows
+    assert np.isfinite(ref[live]).all()
+    np.testing.assert_allclose(ref[live], want[live], atol=1e-5, rtol=1e-5)
 
 
 def test_validation_names_the_bad_value():
@@ -179,7 +214,7 @@ def test_validation_names_the_bad_value():
         gpu.ragged_paged_attention(jnp.zeros((4, 8, 8)), pages, pages, meta, max_decodes=1,
                                    max_chunks=1, max_chunk_len=2, interpret=False)
     with pytest.raises(ValueError, match="pallas_interpret=True"):
-        attention_fn("pallas_tpu", AttentionShape(1, 8, 2, 4, 4), interpret=False)
+        attention_fn("pallas_tpu", AttentionShape(8, 1, 2, 4, 4), interpret=False)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -189,21 +224,22 @@ def test_kernels_lower_for_their_hardware(backend, dtype):
     sizes (head_dim 128, page_size 16, GQA 4), mixed and decode-only: the Pallas lowering
     rules (block shapes, supported ops and indexing) hold; only the device compilers and the
     numerics go unchecked here."""
-    p, d, page_size, pages_per_seq = 32, 4, 16, 8
-    for chunks in ([(32, 40), (0, 0)], []):
-        c = len(chunks)
-        case = make_step_case(np.random.default_rng(0), chunks=chunks, chunk_len=p,
+    b, d, page_size, pages_per_seq = 64, 4, 16, 8
+    for chunks in ([(32, 40), (0, 0), (20, 20)], []):
+        case = make_step_case(np.random.default_rng(0), chunks=chunks, chunk_align=8,
+                              chunk_tokens=b if chunks else 0,
                               decodes=[3, 0, 40, 128], page_size=page_size,
                               pages_per_seq=pages_per_seq, num_heads=8, num_kv_heads=2,
                               head_dim=128, dtype=jnp.dtype(dtype))
+        sc = case.max_chunk_seqs
         if backend == "pallas_tpu":
-            kernel = functools.partial(tpu.ragged_paged_attention, decode_only=c == 0)
+            kernel = functools.partial(tpu.ragged_paged_attention, decode_only=sc == 0)
             platform, target = "tpu", "tpu_custom_call"
         else:
-            kernel = functools.partial(gpu.ragged_paged_attention, max_decodes=d, max_chunks=c,
-                                       max_chunk_len=p)
+            kernel = functools.partial(gpu.ragged_paged_attention, max_decodes=d,
+                                       max_chunks=sc, max_chunk_len=case.chunk_tokens)
             platform, target = "cuda", "xla.gpu.triton"
-        fn = step_attention(kernel, c, p, d)
+        fn = step_attention(kernel, case.chunk_tokens, sc, d)
         lowered = jax.jit(fn).trace(case.q, case.k_pages, case.v_pages, **case.kwargs()).lower(
             lowering_platforms=(platform,))
         assert target in lowered.as_text()

@@ -1,0 +1,105 @@
+"""Packed steps: several sequences' chunks share the chunk region, through every layer.
+
+The `cpu` backend (native kernel) against the dense per-row oracle on packed layouts, and the
+engine end to end: short prompts that arrive together take one step, a long prompt shares its
+step with the next one's head, and outputs equal the dense reference's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from engine_helpers import TINY, dense_greedy, dense_logprobs, tiny_params
+from jaxserve import LLM, SamplingParams
+from jaxserve.attention import AttentionShape, attention_fn
+from pallas_kernels.ragged import ragged_reference, to_ragged
+from pallas_kernels.testing import make_step_case
+
+
+def _oracle(shape):
+    b, sc, d = shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots
+
+    def fn(q, k_pages, v_pages, **kw):
+        meta, rows = to_ragged(b, sc, d, kw["q_starts"], kw["q_lens"], kw["kv_lens"],
+                               kw["page_table"])
+        o = ragged_reference(q[rows.src_rows], k_pages, v_pages, meta,
+                             sm_scale=1 / np.sqrt(q.shape[-1]))
+        return o[rows.dst_rows]
+
+    return fn
+
+
+@pytest.mark.parametrize("chunk_align", [1, 8])
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_packed_step_matches_the_dense_oracle(backend, chunk_align):
+    # Many short segments (1-token ones included), one spanning row 16 and row 32 (where fixed
+    # 16-row slots would have ended), an unused chunk sequence and an empty tail.
+    ps = 4
+    chunks = [(1, 1), (3, 9), (20, 20), (1, 13), (0, 0), (2, 2), (13, 40), (1, 2)]
+    case = make_step_case(np.random.default_rng(chunk_align), chunks=chunks,
+                          decodes=[5, 0, 40, 1], page_size=ps, pages_per_seq=10, num_heads=6,
+                          num_kv_heads=2, head_dim=16, chunk_align=chunk_align,
+                          chunk_tokens=96)
+    shape = AttentionShape(case.chunk_tokens, case.max_chunk_seqs, 4, ps, 10, chunk_align)
+    args = (case.q, case.k_pages, case.v_pages)
+    run = lambda fn: np.asarray(jax.jit(lambda a, kw: fn(*a, **kw))(args, case.kwargs()))  # noqa
+    got, want = run(attention_fn(backend, shape)), run(_oracle(shape))
+    live = case.live_rows
+    assert live.sum() == sum(n for n, _ in chunks) + 3
+    np.testing.assert_allclose(got[live], want[live], atol=2e-5, rtol=1e-5)
+    if backend == "cpu":
+        assert np.all(got[~live] == 0), "padding rows come back as zeros"
+
+
+@functools.lru_cache(maxsize=None)
+def _llm(**opts):
+    return LLM.from_params(TINY, tiny_params(), strict_compiles=True, max_logprobs=3, **opts)
+
+
+def test_short_prompts_arriving_together_take_one_step():
+    llm = _llm(chunk_size=64, max_chunk_seqs=8, chunk_align=4, max_decode_slots=8, page_size=4,
+               max_model_len=64)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, TINY.vocab_size, size=n).tolist() for n in (5, 7, 1, 6, 8, 3, 2, 4)]
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    first = len(llm.engine.step_log)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+    log = list(llm.engine.step_log)[first:]
+    # The 1-token prompt is a decode (its one token is all there is to compute); the other
+    # seven share the chunk region.
+    assert log[0].kind == "mixed" and (log[0].num_chunks, log[0].num_decodes) == (7, 1), log[0]
+    assert [r.kind for r in log[1:]] == ["decode", "decode"]  # then every sequence decodes
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 3)
+        ref = dense_logprobs(TINY, tiny_params(), prompt)
+        for i in range(1, len(prompt)):
+            assert abs(out.prompt_logprobs[i][prompt[i]] - ref[i - 1, prompt[i]]) <= 1e-4
+    assert llm.stats["compiles_after_warmup"] == 0
+
+
+def test_a_long_prompt_takes_the_budget_then_shares_it():
+    # A 45-token prompt in a 16-token budget takes two whole steps, then its last 13 tokens
+    # share the third step with the next prompt's first 2 (aligned to 2 rows: rows 0-12 and
+    # 14-15); the fourth holds the rest of that prompt (7) and the first one's decode.
+    llm = _llm(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4,
+               max_model_len=64)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, TINY.vocab_size, size=n).tolist() for n in (45, 9)]
+    first = len(llm.engine.step_log)
+    stats0 = llm.stats
+    outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False,
+                        sampling_params=SamplingParams(max_tokens=4, temperature=0,
+                                                       ignore_eos=True))
+    log = list(llm.engine.step_log)[first:]
+    assert [(r.num_chunks, r.scheduled_tokens) for r in log[:4]] == [
+        (1, 16), (1, 16), (2, 15), (1, 8)]
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 4)
+    stats = llm.stats
+    mixed_rows = stats["mixed_slot_tokens"] - stats0["mixed_slot_tokens"]
+    mixed_used = stats["mixed_scheduled_tokens"] - stats0["mixed_scheduled_tokens"]
+    assert 0 < mixed_used <= mixed_rows
