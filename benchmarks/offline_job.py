@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--num_prompts", type=int, default=16)
     ap.add_argument("--input_len", type=int, default=256)
     ap.add_argument("--output_len", type=int, default=64)
-    ap.add_argument("--chunk_size", type=int, default=256)
-    ap.add_argument("--num_chunk_slots", type=int, default=2)
+    ap.add_argument("--chunk_size", type=int, default=512, help="the step's prefill budget")
+    ap.add_argument("--max_chunk_seqs", type=int, default=8)
+    ap.add_argument("--chunk_align", type=int, default=8)
     ap.add_argument("--max_decode_slots", type=int, default=16)
     ap.add_argument("--max_model_len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
@@ -51,7 +52,8 @@ def main() -> None:
         cfg = ModelConfig.from_hf_dict(BENCH_HF_CONFIG)
         params = init_params(cfg, seed=0)
     t_load = time.perf_counter() - t0
-    opts = dict(chunk_size=args.chunk_size, num_chunk_slots=args.num_chunk_slots,
+    opts = dict(chunk_size=args.chunk_size, max_chunk_seqs=args.max_chunk_seqs,
+                chunk_align=args.chunk_align,
                 max_decode_slots=args.max_decode_slots, page_size=16,
                 max_model_len=args.max_model_len)
     llm = LLM.from_params(cfg, params, weight_layout=args.weight_layout, **opts)
@@ -77,7 +79,7 @@ def main() -> None:
         t = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
         wall = time.perf_counter() - t
-        log = eng.step_log[first_step:]
+        log = list(eng.step_log)[first_step:]
         prev, split = t, {"mixed": 0.0, "decode": 0.0}
         for rec in log:
             split[rec.kind] += rec.tokens_back_s - prev
@@ -100,7 +102,8 @@ def main() -> None:
           f"   ({med['decode_steps']} steps)")
     print(f"{'output tokens/s':<34}{args.num_prompts * args.output_len / med['wall_s']:>10.1f}")
     print(f"{'decoder-body GFLOP/s':<34}{flops / med['wall_s'] / 1e9:>10.1f}")
-    print(f"{'useful-token fraction':<34}{stats['useful_token_fraction']:>10.3f}")
+    print(f"{'useful-token fraction':<34}{stats['useful_token_fraction']:>10.3f}"
+          f"   (mixed steps: {stats['mixed_useful_token_fraction']:.3f})")
     print(f"{'executables / compiles after':<34}{stats['executables_compiled']:>10d}"
           f" / {stats['compiles_after_warmup']}")
     print("all runs:", ", ".join(f"{r['wall_s']:.2f}" for r in runs))
@@ -112,7 +115,8 @@ def main() -> None:
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:
-            json.dump({"args": vars(args), "startup_s": t_startup, "load_s": t_load,
+            from jaxserve.bench.machine import cpu_description
+            json.dump({"args": vars(args), "cpu": cpu_description(), "startup_s": t_startup, "load_s": t_load,
                        "runs": runs, "median": med, "stats": stats,
                        "attention_backend": stats["attention_backend"],
                        "compared": other_label, "compared_runs_s": other_runs}, f, indent=1)

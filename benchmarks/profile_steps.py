@@ -53,7 +53,7 @@ def main() -> None:
     from jaxserve.models import init_params
 
     cfg = ModelConfig.from_hf_dict(BENCH_HF_CONFIG)
-    llm = LLM.from_params(cfg, init_params(cfg, seed=0), chunk_size=256, num_chunk_slots=2,
+    llm = LLM.from_params(cfg, init_params(cfg, seed=0), chunk_size=512,
                           max_decode_slots=16, page_size=16, max_model_len=512,
                           attention=args.attention)
     rng = np.random.default_rng(0)
@@ -69,7 +69,7 @@ def main() -> None:
         with gzip.open(path) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    num_mixed = sum(r.kind == "mixed" for r in llm.engine.step_log[first:])
+    num_mixed = sum(r.kind == "mixed" for r in list(llm.engine.step_log)[first:])
 
     runs = collections.defaultdict(list)
     for e in events:
