@@ -1,8 +1,11 @@
 """The machine's measured limits, and how close the run's steps came to them.
 
 Peak compute is measured, not looked up: the best of a few large square GEMMs in the run's
-dtype (jitted); peak memory bandwidth is the best of a few large elementwise copies (`x + 1` in
-place: one read and one write of every byte). Then
+dtype (jitted); memory bandwidth is measured two ways: the read bandwidth (the best of a few
+jitted sums over a large array: reads only, what a decode step's weight streaming needs; XLA
+splits the reduction over the CPU's cores: on the 2-core bench VM it reads ~31 GB/s where one core
+reads ~16, see benchmarks/decode_bandwidth.py) and the copy bandwidth (a large elementwise `x + 1`
+in place: one read and one write of every byte). Then
 
 - MFU of mixed (chunked-prefill) steps = their model FLOPs / their wall time / measured GEMM FLOP/s.
   Model FLOPs per token = 2·(params outside the embedding and the lm_head) + attention
@@ -10,7 +13,8 @@ place: one read and one write of every byte). Then
   sample, the only ones the engine computes logits for. A prompt token's context is not visible
   from outside the engine, so each prefill token is charged the run's mean prompt-attention cost
   (exact in total over the run).
-- MBU of decode-only steps = (weight bytes + K/V bytes read) / their wall time / measured GB/s,
+- MBU of decode-only steps = (weight bytes + K/V bytes read) / their wall time / measured read
+  GB/s (the copy GB/s where a caller's machine dict has no read probe),
   with the K/V read being each decode token's context (prompt + tokens so far) — the bytes the
   math needs, not what a padded attention implementation happens to touch.
 """
@@ -54,6 +58,13 @@ def _copy_time(nbytes: int, dtype, reps: int) -> tuple[float, int]:
     return best, 2 * x.size * x.dtype.itemsize
 
 
+def _read_time(nbytes: int, dtype, reps: int) -> tuple[float, int]:
+    """Best time of a jitted sum over `nbytes` (read once, nothing written), and the bytes read."""
+    x = jnp.ones((nbytes // jnp.dtype(dtype).itemsize,), dtype)
+    best = _best_time(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, reps=reps)
+    return best, x.size * x.dtype.itemsize
+
+
 def default_sizes(platform: str) -> tuple[int, int]:
     """(GEMM side, copy bytes): big enough to reach the plateau, small enough to be quick."""
     if platform == "cpu":
@@ -61,10 +72,24 @@ def default_sizes(platform: str) -> tuple[int, int]:
     return 8192, 2 * 2**30
 
 
+def default_read_bytes(platform: str) -> int:
+    """Read-probe size: past the caches (the bench VM reports a 480 MiB L3, shared with its
+    host; 256 MiB already reads at DRAM speed there), the size of a small model's weights."""
+    return 512 * 2**20 if platform == "cpu" else 2 * 2**30
+
+
+def read_bandwidth(nbytes: int = 0, dtype: str = "float32", reps: int = 10) -> float:
+    """The read probe alone: best GB/s of a jitted sum over `nbytes` (0: the platform's
+    default size)."""
+    nbytes = nbytes or default_read_bytes(jax.devices()[0].platform)
+    s, moved = _read_time(nbytes, to_jnp_dtype(dtype), reps)
+    return moved / s / 1e9
+
+
 def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: int = 0,
-                    reps: int = 10) -> dict:
-    """Platform facts plus measured matmul GFLOP/s and copy GB/s in `dtype`. Best of 10: on a
-    shared 2-core VM the best of 3 read 100-150 GFLOP/s for a GEMM whose best is ~200."""
+                    reps: int = 10, read_bytes: int = 0) -> dict:
+    """Platform facts plus measured matmul GFLOP/s, read GB/s and copy GB/s in `dtype`. Best of
+    10: on a shared 2-core VM the best of 3 read 100-150 GFLOP/s for a GEMM whose best is ~200."""
     dev = jax.devices()[0]
     n0, b0 = default_sizes(dev.platform)
     n, nbytes = matmul_n or n0, copy_bytes or b0
@@ -75,12 +100,15 @@ def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: in
     gemm_s = _best_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
     del a, b
     copy_s, moved = _copy_time(nbytes, jdtype, reps)
+    read_n = read_bytes or default_read_bytes(dev.platform)
+    read_s, read = _read_time(read_n, jdtype, reps)
     return {
         "platform": dev.platform, "device_kind": dev.device_kind,
         "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
         "jax_version": jax.__version__, "dtype": dtype,
         "matmul_n": n, "matmul_gflops": 2 * n**3 / gemm_s / 1e9,
         "copy_bytes": nbytes, "mem_gbps": moved / copy_s / 1e9,
+        "read_bytes": read_n, "read_gbps": read / read_s / 1e9,
     }
 
 
@@ -140,7 +168,7 @@ def roofline(steps, prompt_lens: list[int], costs: dict, machine: dict, devices:
         "mixed_gflops": achieved_gflops, "decode_gbps": achieved_gbps,
         "devices": devices,
         "mfu_prefill": achieved_gflops / (devices * machine["matmul_gflops"]),
-        "mbu_decode": achieved_gbps / (devices * machine["mem_gbps"]),
+        "mbu_decode": achieved_gbps / (devices * machine.get("read_gbps", machine["mem_gbps"])),
     }
 
 

@@ -1,8 +1,8 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as Flax NNX modules.
 
 Weights keep Hugging Face's names and layouts (`[out, in]` projections), so a checkpoint maps
-onto the module state name for name, and XLA's CPU dot is fastest contracting the last axis of
-both operands (measured: ~2-3x faster than `[in, out]` for decode-shaped products).
+onto the module state name for name; the engine may convert them once to a serving layout
+(`WeightLayout`).
 
 Attention is not part of the modules: every layer calls an `attend` function the caller gives,
 `attend(layer, q, k, v, cache) -> (out, cache)`, so one model serves the dense reference (causal
@@ -31,35 +31,56 @@ class WeightLayout:
     """How projection weights are stored. `HF` (the default) is Hugging Face's: separate
     projections, each `[out, in]`. The engine may convert to a serving layout once at start-up:
     `fused` concatenates q/k/v and gate/up into one projection each (fewer, larger matmuls) and
-    `in_out` stores `[in, out]`, which XLA's CPU dot streams faster for decode-sized batches
-    (benchmarks/weight_layouts.py)."""
+    `in_out` stores `[in, out]`. Together (`fused_in_out`, the CPU default) they made the bench
+    job 1.06-1.10x faster than Hugging Face's layout on the 2-core bench VM, measured end to
+    end by `benchmarks/offline_job.py --compare_layouts`; per product, XLA's CPU dot reads `[in,
+    out]` and `[out, in]` weights at about the same (low) rate at 16 rows
+    (`benchmarks/decode_bandwidth.py`).
+
+    `native_rows` (needs `in_out`; CPU with AVX-512): products of at most this many rows (a
+    decode step's) use the native skinny kernel (jaxserve/native/matmul.cc) instead of XLA's
+    dot; 0 never. Decided by shape at trace time, so one executable uses one path per product."""
 
     fused: bool = False
     in_out: bool = False
+    native_rows: int = 0
+
+    def __post_init__(self):
+        if self.native_rows and not self.in_out:
+            raise ValueError("WeightLayout: native_rows needs in_out=True (the kernel reads "
+                             "[in, out] weights)")
 
 
 HF_LAYOUT = WeightLayout()
 
 
-def _dot(x: jax.Array, w: jax.Array, in_out: bool) -> jax.Array:
-    """x [..., in] @ w, w [out, in] (or [in, out]); f32 accumulation for bfloat16 weights."""
+def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0) -> jax.Array:
+    """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out]), f32 accumulation. Products
+    of at most `native_rows` rows (in_out only) run on the native skinny kernel."""
+    if native_rows and in_out and math.prod(x.shape[:-1]) <= native_rows:
+        from jaxserve.native.matmul import skinny_matmul  # the CPU-only path loads it
+        return skinny_matmul(x, w)
     contract = 0 if in_out else 1
     return jax.lax.dot_general(
-        x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
-    ).astype(x.dtype)
+        x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0) -> jax.Array:
+    """x [..., in] @ w in x's dtype (see `_dot_f32`)."""
+    return _dot_f32(x, w, in_out, native_rows).astype(x.dtype)
 
 
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs,
-                 in_out: bool = False):
+                 in_out: bool = False, native_rows: int = 0):
         scale = 1.0 / math.sqrt(in_features)
         shape = (in_features, out_features) if in_out else (out_features, in_features)
         self.weight = nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * scale)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
-        self.in_out = in_out
+        self.in_out, self.native_rows = in_out, native_rows
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = _dot(x, self.weight[...], self.in_out)
+        y = _dot(x, self.weight[...], self.in_out, self.native_rows)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -131,13 +152,14 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, hd = cfg.hidden_size, cfg.head_dim
         lin = functools.partial(Linear, bias=cfg.attention_bias, dtype=dtype, rngs=rngs,
-                                in_out=layout.in_out)
+                                in_out=layout.in_out, native_rows=layout.native_rows)
         nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
         if layout.fused:
             self.qkv_proj = lin(h, nq + 2 * nkv)
         else:
             self.q_proj, self.k_proj, self.v_proj = lin(h, nq), lin(h, nkv), lin(h, nkv)
-        self.o_proj = Linear(nq, h, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out)
+        self.o_proj = Linear(nq, h, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out,
+                             native_rows=layout.native_rows)
         self.fused = layout.fused
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype)
@@ -167,7 +189,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        lin = functools.partial(Linear, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out)
+        lin = functools.partial(Linear, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out,
+                                native_rows=layout.native_rows)
         if layout.fused:
             self.gate_up_proj = lin(h, 2 * i)
         else:
@@ -218,7 +241,8 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = None  # the embedding, [vocab, hidden], doubles as the head
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
-                                  rngs=rngs, in_out=layout.in_out)
+                                  rngs=rngs, in_out=layout.in_out,
+                                  native_rows=layout.native_rows)
 
     def hidden_states(self, token_ids, positions, attend: AttendFn, cache, rope=None):
         """token_ids i32[T], positions i32[T] -> (final-normed hidden [T, hidden], cache).
@@ -236,8 +260,6 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, hidden] -> f32[N, vocab]."""
         if self.lm_head is None:
-            w, in_out = self.model.embed_tokens.weight[...], False
-        else:
-            w, in_out = self.lm_head.weight[...], self.lm_head.in_out
-        return jax.lax.dot_general(hidden, w, (((1,), (0 if in_out else 1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+            return _dot_f32(hidden, self.model.embed_tokens.weight[...], in_out=False)
+        head = self.lm_head
+        return _dot_f32(hidden, head.weight[...], head.in_out, head.native_rows)

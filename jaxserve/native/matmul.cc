@@ -1,0 +1,207 @@
+// Skinny matmul on the CPU, as an XLA FFI custom call: y f32[M, N] = x[M, K] @ w[K, N] for the
+// few-row products of a decode step (w stored [in, out], the CPU serving layout).
+//
+// Why a native kernel: at M = 16 a float32 product does 8 FLOPs per weight byte, so it is bound
+// by streaming the weights, not by the FMA units. XLA's CPU dot (YNNPACK / Eigen) reads them at
+// 5-15 GB/s here, a third of what two cores can read (benchmarks/decode_bandwidth.py).
+//
+// Work split: the output columns, in strips of kStrip columns, handed out to XLA's intra-op
+// thread pool and the calling thread (both cores stream their own strips). Inside a strip, a
+// block of kBlockK weight rows (kBlockK x kStrip, L1-resident) is multiplied into up to 8 x 32
+// register tiles of the output (16 accumulators: FMA-bound, 2 weight loads + 8 broadcasts per 16
+// FMAs), while the next block's rows are prefetched. Every y[m, n] sums over k in order 0..K-1
+// whatever M is and however the strips fall on threads: a row's result does not depend on the
+// other rows of the product, nor on the thread count.
+//
+// x [M, K] float32 or bfloat16, w [K, N] the same dtype, y [M, N] float32.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#ifndef PFHINT
+#define PFHINT _MM_HINT_T0
+#endif
+#ifndef STRIP
+#define STRIP 128
+#endif
+#ifndef BK
+#define BK 32
+#endif
+constexpr int64_t kStrip = STRIP;  // output columns per task (4 register tiles of 32)
+constexpr int64_t kBlockK = BK;  // weight rows per block: 32 x 128 x 4 B = 16 KiB in L1
+constexpr int64_t kTileM = 8;    // rows per register tile
+
+// Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
+// (The same scheme as paged_attention.cc: the call finishes even if the pool never runs a task.)
+void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t total = 0;
+    std::function<void(int64_t)> fn;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto st = std::make_shared<State>();
+  st->total = total;
+  st->fn = std::move(fn);
+  auto work = [st]() {
+    int64_t mine = 0;
+    for (int64_t i; (i = st->next.fetch_add(1)) < st->total; ++mine) st->fn(i);
+    if (mine && st->done.fetch_add(mine) + mine == st->total) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->cv.wait(lock, [&] { return st->done.load() == st->total; });
+}
+
+// 16 weights from w (masked: lanes outside `mask` read as 0) as float32.
+inline __m512 load_w(const float* w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
+inline __m512 load_w(const uint16_t* w, __mmask16 mask) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// y[0:MR, 0:32] (+)= x[0:MR, k0:k1] @ w[k0:k1, 0:32], masks for the two 16-column halves.
+// x is float32 with row stride ldx, w row stride ldw, y row stride ldy. first: start from 0.
+template <int MR, typename T>
+inline void tile(const float* x, int64_t ldx, const T* w, int64_t ldw, float* y, int64_t ldy,
+                 int64_t kn, __mmask16 m0, __mmask16 m1, bool first) {
+  // One flat array with every loop over it unrolled: GCC then keeps it in registers (with a
+  // 2-D array it stored all 16 accumulators to the stack on every k).
+  __m512 acc[2 * MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    acc[2 * i] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + i * ldy);
+    acc[2 * i + 1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + i * ldy + 16);
+  }
+  for (int64_t k = 0; k < kn; ++k) {
+    const __m512 w0 = load_w(w + k * ldw, m0);
+    const __m512 w1 = load_w(w + k * ldw + 16, m1);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xi = _mm512_set1_ps(x[i * ldx + k]);
+      acc[2 * i] = _mm512_fmadd_ps(xi, w0, acc[2 * i]);
+      acc[2 * i + 1] = _mm512_fmadd_ps(xi, w1, acc[2 * i + 1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(y + i * ldy, m0, acc[2 * i]);
+    _mm512_mask_storeu_ps(y + i * ldy + 16, m1, acc[2 * i + 1]);
+  }
+}
+
+template <typename T>
+using TileFn = void (*)(const float*, int64_t, const T*, int64_t, float*, int64_t, int64_t,
+                        __mmask16, __mmask16, bool);
+
+template <typename T>
+constexpr TileFn<T> kTiles[kTileM + 1] = {nullptr,     tile<1, T>, tile<2, T>, tile<3, T>,
+                                          tile<4, T>, tile<5, T>, tile<6, T>, tile<7, T>,
+                                          tile<8, T>};
+
+inline __mmask16 mask_of(int64_t cols) {
+  return cols >= 16 ? __mmask16(0xFFFF) : cols <= 0 ? __mmask16(0) : __mmask16((1u << cols) - 1);
+}
+
+// One strip: columns [n0, n0 + width) of y [m, ldy] for all m rows, from w's rows of stride ldw
+// (w already offset to the strip's first column).
+template <typename T>
+void strip(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, int64_t m, int64_t k,
+           int64_t width) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line
+  for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
+    const int64_t kn = std::min(kBlockK, k - k0);
+#ifndef NOPF
+    // Prefetch the next block's rows of this strip (one block ahead of the FMAs).
+    const int64_t k1 = k0 + kBlockK, kn1 = std::min(kBlockK, k - k1);
+    for (int64_t r = 0; r < kn1; ++r)
+      for (int64_t c = 0; c < width; c += kLine)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (k1 + r) * ldw + c), PFHINT);
+#endif
+    for (int64_t i0 = 0; i0 < m; i0 += kTileM) {
+      const int64_t mr = std::min(kTileM, m - i0);
+      for (int64_t c = 0; c < width; c += 32) {
+        kTiles<T>[mr](x + i0 * k + k0, k, w + k0 * ldw + c, ldw, y + i0 * ldy + c, ldy, kn,
+                      mask_of(width - c), mask_of(width - c - 16), k0 == 0);
+      }
+    }
+  }
+}
+
+template <typename T>
+void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
+         int64_t n) {
+  const int64_t strips = (n + kStrip - 1) / kStrip;
+  parallel_for(pool, strips, [=](int64_t s) {
+    const int64_t n0 = s * kStrip;
+    strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(kStrip, n - n0));
+  });
+}
+
+ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
+    return ffi::Error::InvalidArgument("skinny_matmul: x [M, K] and w [K, N] expected");
+  if (x.element_type() != w.element_type())
+    return ffi::Error::InvalidArgument("skinny_matmul: x and w must share a dtype");
+  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  float* out = y->typed_data();
+  if (k == 0) {
+    std::memset(out, 0, sizeof(float) * m * n);
+    return ffi::Error::Success();
+  }
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      run<float>(pool, reinterpret_cast<const float*>(x.untyped_data()),
+                 reinterpret_cast<const float*>(w.untyped_data()), out, m, k, n);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16: {
+      // x is small (M x K): widen it once; the weights are widened in registers.
+      std::vector<float> xf(m * k);
+      const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
+      for (int64_t i = 0; i < m * k; ++i) {
+        const uint32_t bits = uint32_t(xb[i]) << 16;
+        std::memcpy(&xf[i], &bits, 4);
+      }
+      run<uint16_t>(pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out,
+                    m, k, n);
+      return ffi::Error::Success();
+    }
+    default:
+      return ffi::Error::InvalidArgument("skinny_matmul: dtype must be float32 or bfloat16");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmul, skinny_matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

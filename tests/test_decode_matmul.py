@@ -1,0 +1,83 @@
+"""The native skinny matmul (jaxserve/native/matmul.cc) against jnp, and the layout that uses it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.models.functional import bind, init_params, resolve_layout, to_layout
+from jaxserve.native import matmul_build
+
+pytestmark = pytest.mark.skipif(not matmul_build.supported(),
+                                reason="the native matmul needs an AVX-512 CPU")
+
+
+def _skinny(x, w):
+    from jaxserve.native.matmul import skinny_matmul
+    return jax.jit(skinny_matmul)(x, w)
+
+
+def _operands(m, k, n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n), np.float32) / np.sqrt(k), dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 13, 16])
+@pytest.mark.parametrize("k,n", [(64, 128), (37, 33), (100, 300), (257, 16), (5, 1)])
+def test_float32_matches_jnp(m, k, n):
+    x, w = _operands(m, k, n, jnp.float32, seed=m + k + n)
+    want = np.asarray(jnp.dot(x, w, precision="highest"))
+    got = np.asarray(_skinny(x, w))
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n", [(16, 768, 1280), (5, 96, 200), (1, 33, 47)])
+def test_bfloat16_matches_jnp(m, k, n):
+    x, w = _operands(m, k, n, jnp.bfloat16)
+    want = np.asarray(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
+                              precision="highest"))
+    got = np.asarray(_skinny(x, w))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_do_not_depend_on_each_other():
+    # Each output sums over K in order whatever the row count: bit-identical rows.
+    x, w = _operands(16, 300, 520, jnp.float32)
+    full = np.asarray(_skinny(x, w))
+    for rows in (slice(0, 1), slice(3, 12), slice(9, 16)):
+        np.testing.assert_array_equal(np.asarray(_skinny(x[rows], w)), full[rows])
+
+
+def test_leading_dims_and_errors():
+    from jaxserve.native.matmul import skinny_matmul
+    x, w = _operands(6, 40, 24, jnp.float32)
+    got = skinny_matmul(x.reshape(2, 3, 40), w)
+    np.testing.assert_allclose(np.asarray(got).reshape(6, 24),
+                               np.asarray(jnp.dot(x, w, precision="highest")), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError):
+        skinny_matmul(x, w.astype(jnp.bfloat16))
+    with pytest.raises(ValueError):
+        skinny_matmul(x, w.T)
+
+
+def test_native_layout_matches_xla_layout():
+    from engine_helpers import TINY
+    hf = init_params(TINY, seed=0)
+    tokens = jnp.arange(5, dtype=jnp.int32)
+    outs = {}
+    for name in ("fused_in_out", "fused_in_out_native"):
+        layout = resolve_layout(name, "cpu")
+        model = bind(TINY, to_layout(TINY, hf, layout), layout)
+        h, _ = model.hidden_states(tokens, tokens, lambda i, q, k, v, c: (q, c), None)
+        outs[name] = np.asarray(model.logits(h))
+    np.testing.assert_allclose(outs["fused_in_out_native"], outs["fused_in_out"], rtol=1e-4,
+                               atol=1e-4)
+    assert resolve_layout("auto", "cpu", native_matmul=True).native_rows > 0
+    assert resolve_layout("auto", "cpu").native_rows == 0
