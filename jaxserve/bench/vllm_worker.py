@@ -106,11 +106,13 @@ def main(job_path: str, result_path: str) -> None:
                                    "prompt_token_ids": w["prompt_token_ids"],
                                    "max_tokens": w["max_tokens"]}])
     result = replay(engine, vllm, job["requests"])
-    import torch
-
+    try:
+        import torch
+        torch_info = {"torch_version": torch.__version__}
+    except ImportError:
+        torch_info = {}
     result.update({
-        "vllm_version": vllm.__version__, "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "startup_s": startup_s,
+        "vllm_version": vllm.__version__, **torch_info, "startup_s": startup_s,
         "engine_args": job["engine"],
         "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}})
     with open(result_path, "w", encoding="utf-8") as f:

