@@ -1,9 +1,12 @@
 // Skinny matmul on the CPU, as an XLA FFI custom call: y f32[M, N] = x[M, K] @ w[K, N] for the
 // few-row products of a decode step (w stored [in, out], the CPU serving layout).
 //
-// Why a native kernel: at M = 16 a float32 product does 8 FLOPs per weight byte, so it is bound
-// by streaming the weights, not by the FMA units. XLA's CPU dot (YNNPACK / Eigen) reads them at
-// 5-15 GB/s here, a third of what two cores can read (benchmarks/decode_bandwidth.py).
+// Why a native kernel: at M = 16 a float32 product does 8 FLOPs per weight byte; on the 2-core
+// bench VM (AVX-512, ~225 GFLOP/s FMA peak per core, ~16 GB/s read per core, ~31 GB/s for two)
+// it should be bound by streaming the weights. XLA's CPU dot (YNNPACK by default; XNNPACK,
+// oneDNN, Eigen alike) runs these products at 40-120 GFLOP/s, i.e. 5-15 GB/s of weights, and the
+// bench model's weights-only decode step took 85 ms against this kernel's 58 ms (same process,
+// interleaved; benchmarks/decode_bandwidth.py).
 //
 // Work split: the output columns, in strips of kStrip columns, handed out to XLA's intra-op
 // thread pool and the calling thread (both cores stream their own strips). Inside a strip, a
@@ -33,17 +36,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#ifndef PFHINT
-#define PFHINT _MM_HINT_T0
-#endif
-#ifndef STRIP
-#define STRIP 128
-#endif
-#ifndef BK
-#define BK 32
-#endif
-constexpr int64_t kStrip = STRIP;  // output columns per task (4 register tiles of 32)
-constexpr int64_t kBlockK = BK;  // weight rows per block: 32 x 128 x 4 B = 16 KiB in L1
+constexpr int64_t kStrip = 128;  // output columns per task (4 register tiles of 32)
+constexpr int64_t kBlockK = 32;  // weight rows per block: 32 x 128 x 4 B = 16 KiB in L1
 constexpr int64_t kTileM = 8;    // rows per register tile
 
 // Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
@@ -75,16 +69,22 @@ void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64
   st->cv.wait(lock, [&] { return st->done.load() == st->total; });
 }
 
-// 16 weights from w (masked: lanes outside `mask` read as 0) as float32.
-inline __m512 load_w(const float* w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
+// 16 weights from w as float32; with kMasked, lanes outside `mask` read as 0 (a masked load
+// costs an extra uop on the FMA ports, so full tiles use plain loads).
+template <bool kMasked>
+inline __m512 load_w(const float* w, __mmask16 mask) {
+  return kMasked ? _mm512_maskz_loadu_ps(mask, w) : _mm512_loadu_ps(w);
+}
+template <bool kMasked>
 inline __m512 load_w(const uint16_t* w, __mmask16 mask) {
-  __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  const __m256i h = kMasked ? _mm256_maskz_loadu_epi16(mask, w)
+                            : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // y[0:MR, 0:32] (+)= x[0:MR, k0:k1] @ w[k0:k1, 0:32], masks for the two 16-column halves.
 // x is float32 with row stride ldx, w row stride ldw, y row stride ldy. first: start from 0.
-template <int MR, typename T>
+template <int MR, bool kMasked, typename T>
 inline void tile(const float* x, int64_t ldx, const T* w, int64_t ldw, float* y, int64_t ldy,
                  int64_t kn, __mmask16 m0, __mmask16 m1, bool first) {
   // One flat array with every loop over it unrolled: GCC then keeps it in registers (with a
@@ -96,8 +96,8 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t ldw, float* y,
     acc[2 * i + 1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + i * ldy + 16);
   }
   for (int64_t k = 0; k < kn; ++k) {
-    const __m512 w0 = load_w(w + k * ldw, m0);
-    const __m512 w1 = load_w(w + k * ldw + 16, m1);
+    const __m512 w0 = load_w<kMasked>(w + k * ldw, m0);
+    const __m512 w1 = load_w<kMasked>(w + k * ldw + 16, m1);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512 xi = _mm512_set1_ps(x[i * ldx + k]);
@@ -117,9 +117,11 @@ using TileFn = void (*)(const float*, int64_t, const T*, int64_t, float*, int64_
                         __mmask16, __mmask16, bool);
 
 template <typename T>
-constexpr TileFn<T> kTiles[kTileM + 1] = {nullptr,     tile<1, T>, tile<2, T>, tile<3, T>,
-                                          tile<4, T>, tile<5, T>, tile<6, T>, tile<7, T>,
-                                          tile<8, T>};
+constexpr TileFn<T> kTiles[2][kTileM + 1] = {
+    {nullptr, tile<1, false, T>, tile<2, false, T>, tile<3, false, T>, tile<4, false, T>,
+     tile<5, false, T>, tile<6, false, T>, tile<7, false, T>, tile<8, false, T>},
+    {nullptr, tile<1, true, T>, tile<2, true, T>, tile<3, true, T>, tile<4, true, T>,
+     tile<5, true, T>, tile<6, true, T>, tile<7, true, T>, tile<8, true, T>}};
 
 inline __mmask16 mask_of(int64_t cols) {
   return cols >= 16 ? __mmask16(0xFFFF) : cols <= 0 ? __mmask16(0) : __mmask16((1u << cols) - 1);
@@ -133,18 +135,17 @@ void strip(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, int64
   constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line
   for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
     const int64_t kn = std::min(kBlockK, k - k0);
-#ifndef NOPF
     // Prefetch the next block's rows of this strip (one block ahead of the FMAs).
     const int64_t k1 = k0 + kBlockK, kn1 = std::min(kBlockK, k - k1);
     for (int64_t r = 0; r < kn1; ++r)
       for (int64_t c = 0; c < width; c += kLine)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (k1 + r) * ldw + c), PFHINT);
-#endif
+        _mm_prefetch(reinterpret_cast<const char*>(w + (k1 + r) * ldw + c), _MM_HINT_T0);
     for (int64_t i0 = 0; i0 < m; i0 += kTileM) {
       const int64_t mr = std::min(kTileM, m - i0);
       for (int64_t c = 0; c < width; c += 32) {
-        kTiles<T>[mr](x + i0 * k + k0, k, w + k0 * ldw + c, ldw, y + i0 * ldy + c, ldy, kn,
-                      mask_of(width - c), mask_of(width - c - 16), k0 == 0);
+        kTiles<T>[width - c < 32][mr](x + i0 * k + k0, k, w + k0 * ldw + c, ldw,
+                                      y + i0 * ldy + c, ldy, kn, mask_of(width - c),
+                                      mask_of(width - c - 16), k0 == 0);
       }
     }
   }
