@@ -211,3 +211,169 @@ def test_cache_falls_back_to_the_temp_dir_without_a_writable_home(monkeypatch, t
     monkeypatch.setenv("HOME", str(blocker))
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     assert str(build._cache_dir()).startswith(str(tmp_path / "jaxserve-"))
+
+
+# ---- Chunk rows in GEMM-shaped blocks (attend_block): against a float64 numpy reference. ----
+# The cache is NaN everywhere no sequence owns and past each sequence's length, so reading one
+# key too many (past a row's causal limit within its block, or past the block's last row) shows.
+
+
+def _paged_cache(rng, seq_lens, *, page_size, kv_heads, head_dim, spare_pages=3):
+    """k/v pages [N, page, KVH, Dh] (NaN where no sequence's first seq_lens[s] tokens are) and
+    a page table [S, pages_per_seq] in shuffled page order; page 0 is a NaN trash page."""
+    pages_per_seq = max(1, max(-(-n // page_size) for n in seq_lens))
+    num_pages = 1 + sum(-(-n // page_size) for n in seq_lens) + spare_pages
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    k = np.full(shape, np.nan, np.float32)
+    v = np.full(shape, np.nan, np.float32)
+    free = list(rng.permutation(np.arange(1, num_pages)))
+    table = np.zeros((len(seq_lens), pages_per_seq), np.int32)
+    for s, n in enumerate(seq_lens):
+        for i in range(-(-n // page_size)):
+            page = table[s, i] = free.pop()
+            valid = min(page_size, n - i * page_size)
+            k[page, :valid] = rng.standard_normal((valid, kv_heads, head_dim))
+            v[page, :valid] = rng.standard_normal((valid, kv_heads, head_dim))
+    return k, v, table
+
+
+def _numpy_attention(q, k, v, row_slot, row_len, table):
+    """Each row's softmax attention over its first row_len keys, in float64 (zeros for 0)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    rows, heads, dh = q.shape
+    ps, group = k.shape[1], heads // k.shape[2]
+    out = np.zeros_like(q)
+    for r in range(rows):
+        n = int(row_len[r])
+        if n <= 0:
+            continue
+        pos = np.arange(n)
+        pages = table[row_slot[r], pos // ps]
+        keys = np.repeat(k[pages, pos % ps], group, axis=1)  # [n, H, Dh]
+        vals = np.repeat(v[pages, pos % ps], group, axis=1)
+        s = np.einsum("hd,nhd->hn", q[r], keys) / np.sqrt(dh)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[r] = np.einsum("hn,nhd->hd", p / p.sum(axis=1, keepdims=True), vals)
+    return out
+
+
+def _rows(segments):
+    """(slot, first position, rows) segments -> row_slot, row_len (causal: position + 1);
+    slot -1 makes padding rows (length 0)."""
+    slot, length = [], []
+    for s, p0, n in segments:
+        slot += [max(s, 0)] * n
+        length += [0] * n if s < 0 else list(range(p0 + 1, p0 + n + 1))
+    return np.asarray(slot, np.int32), np.asarray(length, np.int32)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", [
+    (12, 4, 64, 16),   # the bench model: GQA 3
+    (4, 4, 32, 8),     # GQA 1: blocks of 48 rows
+    (8, 4, 128, 16),   # GQA 2, head_dim 128
+    (8, 2, 48, 4),     # GQA 4, an odd head_dim, small pages
+    (12, 2, 80, 32),   # GQA 6, head_dim 80, pages of 32
+    (6, 2, 64, 128),   # GQA 3, pages longer than a key block
+    (3, 1, 20, 16),    # GQA 3, head_dim not a multiple of the output tile
+])
+def test_chunk_rows_match_numpy(num_heads, num_kv_heads, head_dim, page_size):
+    # Packed like a step: a long chunk deep into its context (every row sees several 64-key
+    # blocks and a partial tail), a first chunk (the causal diagonal everywhere), a chunk
+    # starting mid-block at an unaligned row, padding rows, then decode rows.
+    rng = np.random.default_rng(10)
+    seq_lens = [301, 70, 133, 45]
+    segments = [(0, 301 - 120, 120), (1, 0, 70), (-1, 0, 3), (2, 133 - 37, 37), (-1, 0, 6),
+                (3, 44, 1), (0, 300, 1), (-1, 0, 1)]
+    k, v, table = _paged_cache(rng, seq_lens, page_size=page_size, kv_heads=num_kv_heads,
+                               head_dim=head_dim)
+    row_slot, row_len = _rows(segments)
+    q = rng.standard_normal((len(row_slot), num_heads, head_dim)).astype(np.float32)
+    got = np.asarray(paged_attention_rows(q, k, v, row_slot=row_slot, row_len=row_len,
+                                          page_table=table))
+    want = _numpy_attention(q, k, v, row_slot, row_len, table)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    assert np.all(got[row_len == 0] == 0), "padding rows come back as zeros"
+
+
+def test_chunk_rows_any_length_order():
+    # Rows of one slot need not grow by one: a block with lengths shuffled, repeated and
+    # decreasing (each lane masks its own keys; blocks are cut at the longest row).
+    rng = np.random.default_rng(11)
+    k, v, table = _paged_cache(rng, [260], page_size=16, kv_heads=2, head_dim=64)
+    row_len = np.asarray([260, 1, 64, 65, 63, 128, 129, 200, 7, 7, 7, 259, 130, 2, 190, 64,
+                          33, 250, 96], np.int32)
+    row_slot = np.zeros_like(row_len)
+    q = rng.standard_normal((len(row_len), 6, 64)).astype(np.float32)
+    got = np.asarray(paged_attention_rows(q, k, v, row_slot=row_slot, row_len=row_len,
+                                          page_table=table))
+    np.testing.assert_allclose(got, _numpy_attention(q, k, v, row_slot, row_len, table),
+                               atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_chunk_row_output_does_not_depend_on_its_block(dtype):
+    # The same query rows computed in blocks of 16 (one run), in runs of 2..7 rows (padding
+    # rows between them cut the runs), shifted so that blocks start elsewhere, and reversed:
+    # every row's output is bit-identical (key blocks sit at absolute positions and each lane
+    # computes exactly what it would in any other block). A row alone is a decode row (the
+    # per-row kernel): equal within rounding only, so no run here has one row.
+    rng = np.random.default_rng(12)
+    n, context, heads, kv_heads, dh = 40, 230, 12, 4, 64
+    k, v, table = _paged_cache(rng, [context], page_size=16, kv_heads=kv_heads, head_dim=dh)
+    q = rng.standard_normal((n, heads, dh)).astype(np.float32)
+    lens = np.arange(context - n + 1, context + 1, dtype=np.int32)
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    kc, vc = cast(k), cast(v)
+
+    def run(order, gaps):
+        """Rows `order` of the chunk, a padding row before each position in `gaps`."""
+        rows_q, rows_len, where = [], [], {}
+        for i, r in enumerate(order):
+            if i in gaps:
+                rows_q.append(np.full((heads, dh), np.nan, np.float32))
+                rows_len.append(0)
+            where[r] = len(rows_q)
+            rows_q.append(q[r])
+            rows_len.append(lens[r])
+        out = np.asarray(paged_attention_rows(
+            cast(np.stack(rows_q)), kc, vc, row_slot=np.zeros(len(rows_q), np.int32),
+            row_len=np.asarray(rows_len, np.int32), page_table=table)).astype(np.float32)
+        return np.stack([out[where[r]] for r in range(n)])
+
+    base = run(list(range(n)), set())
+    want = _numpy_attention(np.asarray(cast(q), np.float32), np.asarray(kc, np.float32),
+                            np.asarray(vc, np.float32), np.zeros(n, np.int32), lens, table)
+    tol = 2e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(base, want, atol=tol, rtol=tol)
+    cuts = set(np.cumsum([2, 3, 4, 5, 6, 7, 2, 3, 4]).tolist())
+    for order, gaps in [(list(range(n)), cuts), (list(range(n)), {5, 21}),
+                        (list(range(n))[::-1], set()), (list(range(n))[::-1], {2, 4, 9, 13})]:
+        np.testing.assert_array_equal(run(order, gaps), base)
+
+
+def test_chunk_rows_bfloat16():
+    rng = np.random.default_rng(13)
+    k, v, table = _paged_cache(rng, [200, 90], page_size=8, kv_heads=2, head_dim=64)
+    row_slot, row_len = _rows([(0, 200 - 77, 77), (1, 0, 90), (0, 199, 1)])
+    q = rng.standard_normal((len(row_slot), 6, 64)).astype(np.float32)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    got = paged_attention_rows(bf(q), bf(k), bf(v), row_slot=row_slot, row_len=row_len,
+                               page_table=table)
+    assert got.dtype == jnp.bfloat16
+    f32 = lambda x: np.asarray(bf(x), np.float32)  # noqa: E731
+    want = _numpy_attention(f32(q), f32(k), f32(v), row_slot, row_len, table)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
+
+
+def test_chunk_rows_stop_at_a_corrupt_page_table():
+    # A page index outside the cache: the kernel reads nothing there (and nothing after it),
+    # whatever the row lengths claim, and stays finite.
+    rng = np.random.default_rng(14)
+    k, v, table = _paged_cache(rng, [160], page_size=16, kv_heads=1, head_dim=32)
+    table[0, 5] = 10_000
+    row_slot, row_len = _rows([(0, 160 - 32, 32)])
+    q = rng.standard_normal((32, 2, 32)).astype(np.float32)
+    got = np.asarray(paged_attention_rows(q, k, v, row_slot=row_slot, row_len=row_len,
+                                          page_table=table))
+    assert np.all(np.isfinite(got))

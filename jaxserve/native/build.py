@@ -72,10 +72,11 @@ def _cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"jaxserve-{getattr(os, 'getuid', lambda: 0)()}"
 
 
-def library_path() -> Path:
-    """Builds the library if this machine has not yet, and returns its path."""
+def library_path(source_dir: Path | None = None) -> Path:
+    """Builds the library if this machine has not yet, and returns its path. `source_dir`:
+    build these sources instead of the ones beside this file (benchmarks compare versions)."""
     cxx = _compiler()
-    here = Path(__file__).parent
+    here = Path(source_dir) if source_dir else Path(__file__).parent
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                                  check=True).stdout

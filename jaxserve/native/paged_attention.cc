@@ -17,9 +17,10 @@
 // out        [R, H, Dh]
 //
 // Work items: a row alone with all its heads (decode: whole pages read in order), or a block of
-// up to kBlockRows consecutive rows of one slot (a chunk) times a block of query heads sharing
-// a KV head. They run on XLA's intra-op thread
-// pool and on the calling thread, so the call finishes even if the pool never runs a task.
+// consecutive rows of one slot (a chunk) times the query heads sharing a KV head, computed as
+// small matrix products (see attend_block in paged_attention_kernels.h). They run on XLA's
+// intra-op thread pool and on the calling thread, so the call finishes even if the pool never
+// runs a task.
 
 #include <algorithm>
 #include <atomic>

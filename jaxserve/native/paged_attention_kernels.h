@@ -15,6 +15,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace jaxserve {
 
 inline float load(const float* p) { return *p; }
@@ -176,92 +180,327 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
   finish_queries<T>(nh, dh, [&](int64_t h) { return row_out + h * dh; }, acc, l);
 }
 
-// Rows that share a slot (a prefill chunk's tokens) are worked kBlockRows at a time, so each
-// key is read and transposed once for all their query heads instead of once per row.
-constexpr int kBlockRows = 16;
-// Keys per softmax update in a block: several pages at once, so the per-update work (rescaling
-// the accumulators, the running max) is paid once per 64 keys, not once per page.
-constexpr int kKeyBlock = 64;
+// ---- Chunk rows: GEMM-shaped blocks -------------------------------------------------------
+//
+// Rows that share a slot (a prefill chunk's tokens) are worked in blocks: up to 16 consecutive
+// rows (more for small GQA groups: about 48 queries) times the GQA group of one kv head. The
+// block's queries live in the lanes of SIMD vectors (query i = row * group + head, transposed once per
+// block to [Dh, lanes]), so that against each block of kKeyBlock keys
+//   scores  S[key, query] = K[key, :] . Q^T[:, query]   and   O^T[:, query] += V^T . P[:, query]
+// are two small matrix products computed by register-tiled micro-kernels (TK keys x TQ query
+// vectors, TX output dims x TQ query vectors: every loaded vector feeds several independent
+// FMA chains), and the online softmax between them is elementwise across lanes. Key blocks
+// sit at absolute positions (0, 64, 128, ...) and every lane computes exactly what it would
+// alone (its own FMA chain per score and output element; where a lane sees none of a tile's
+// keys its update is exactly the identity: correction 1, weights 0), so a row's output does
+// not depend on which rows share its block. Key blocks past every row of a query tile (above
+// the causal diagonal) are skipped, and a diagonal block is cut at the tile's last visible key.
 
-// nb (2..kBlockRows) consecutive rows of one slot, row r seeing its first lens[r] keys (a causal
-// chunk: lens grow by one per row), GB heads each. Scores for a key block are a small matrix
-// product against the keys transposed to [Dh, kKeyBlock], which vectorizes across keys instead
-// of reducing across head_dim once per (query, key) pair.
-template <int GB, int DH, typename T>
-void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
-                  const Dims& d, int32_t slot, const int32_t* lens, int nb, float scale,
-                  int64_t row0, int64_t kvh, int64_t head0, T* out, float* scratch) {
-  constexpr int KB = kKeyBlock;
-  const int64_t dh = DH ? DH : d.head_dim;
-  const int nq = nb * GB;  // query vectors; i = r * GB + g
-  float* qf = scratch;          // [nq, Dh]
-  float* acc = qf + nq * dh;    // [nq, Dh]
-  float* kt = acc + nq * dh;    // [Dh, KB] this block's keys, transposed
-  float* vb = kt + dh * KB;     // [KB, Dh] this block's values, contiguous
-  float m[kBlockRows * GB], l[kBlockRows * GB];
-  int32_t max_len = 0;
-  for (int r = 0; r < nb; ++r) max_len = std::max(max_len, lens[r]);
-  // Query i is head head0 + i % GB of row row0 + i / GB.
-  auto query = [&](int64_t i) { return ((row0 + i / GB) * d.heads + head0 + i % GB) * dh; };
-  start_queries<T>(nq, dh, scale, [&](int64_t i) { return q + query(i); }, qf, acc, m, l);
-  for (int64_t start = 0; start < max_len; start += KB) {
-    int64_t count = std::min<int64_t>(KB, max_len - start);
-    for (int64_t t = 0; t < count; ++t) {
-      const int64_t off = token_offset(d, page_table, layer, slot, start + t, kvh);
-      if (off < 0) {
-        count = t;
-        break;
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;  // floats per vector
+constexpr int kMaxTQ = 3;   // query vectors per micro-tile: 3 x 8 = 24 of 32 registers
+constexpr int kTK = 8;      // keys per score micro-tile
+constexpr int kTX = 8;      // output dims per P.V micro-tile
+#elif defined(__AVX__)
+constexpr int kLanes = 8;   // 16 registers: 2 x 4 accumulators
+constexpr int kMaxTQ = 2;
+constexpr int kTK = 4;
+constexpr int kTX = 4;
+#elif defined(__aarch64__)
+constexpr int kLanes = 4;   // NEON: 32 registers
+constexpr int kMaxTQ = 3;
+constexpr int kTK = 8;
+constexpr int kTX = 8;
+#else
+constexpr int kLanes = 4;   // SSE and the rest: 128-bit vectors, 16 registers
+constexpr int kMaxTQ = 2;
+constexpr int kTK = 4;
+constexpr int kTX = 4;
+#endif
+typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// Keys per softmax update: several pages at once, so the per-update work (rescaling the
+// accumulators, the running max) is paid once per 64 keys, not once per page.
+constexpr int kKeyBlock = 64;
+static_assert(kKeyBlock % kTK == 0, "score tiles must divide a key block");
+
+inline VecF vload(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+inline VecF vsplat(float x) { return VecF{} + x; }
+inline VecF vmax(VecF a, VecF b) { return a > b ? a : b; }
+// v, with the compiler unable to see how it was computed: `opaque(a * b) + c * d` is always
+// rounded as fma(c, d, a * b), never as fma(a, b, c * d) in one instantiation and the other in
+// the next (which one GCC contracts depends on statement order), so every lane computes its
+// output with the same roundings whatever tile it is in.
+inline VecF opaque(VecF v) {
+#if defined(__AVX512F__)
+  __asm__("" : "+v"(v));
+#elif defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+x"(v));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(v));
+#else
+  volatile VecF copy = v;  // elsewhere: through memory
+  v = copy;
+#endif
+  return v;
+}
+
+// softmax_exp on a vector: the same range reduction and polynomial (with AVX-512, n rounded
+// to nearest and 2^n applied by scalef).
+inline VecF vexp(VecF x) {
+  x = vmax(x, vsplat(-87.0f));
+#if defined(__AVX512F__)
+  const VecF n = _mm512_roundscale_ps(x * 1.44269504f, _MM_FROUND_TO_NEAREST_INT |
+                                                         _MM_FROUND_NO_EXC);
+#else
+  const VecF t = x * 1.44269504f + 0.5f;
+  VecI i = __builtin_convertvector(t, VecI);  // truncates: floor is one lower where it rose
+  i += (__builtin_convertvector(i, VecF) > t);  // a true comparison is -1
+  const VecF n = __builtin_convertvector(i, VecF);
+#endif
+  const VecF r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  VecF y = vsplat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+  return _mm512_scalef_ps(y, n);
+#else
+  const VecI bits = (i + 127) << 23;
+  VecF scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+#endif
+}
+
+// A chunk block's queries (rows x heads): at most kMaxQueries, from at most kMaxBlockRows rows.
+constexpr int kMaxQueries = 384;
+constexpr int kMaxBlockRows = 48;
+constexpr int kMaxVecs = kMaxQueries / kLanes;
+
+// S[t][j] (t < nk, a multiple of kTK; j < TQ vectors) = sum_x krow[t][x] * qT[x][j].
+template <int TQ>
+inline void score_tile(const float* qT, int64_t ldq, const float* const* krow, int64_t dh,
+                       int nk, float* s) {
+  for (int t0 = 0; t0 < nk; t0 += kTK) {
+    VecF acc[kTK][TQ];
+    for (int k = 0; k < kTK; ++k)
+      for (int j = 0; j < TQ; ++j) acc[k][j] = VecF{};
+    const float* kr[kTK];
+    for (int k = 0; k < kTK; ++k) kr[k] = krow[t0 + k];
+    if (t0 + kTK < nk)  // the next tile's keys, from L2 while this one computes (+2-3%)
+      for (int k = 0; k < kTK; ++k)
+        for (int64_t x = 0; x < dh; x += 64 / sizeof(float))
+          __builtin_prefetch(krow[t0 + kTK + k] + x);
+    for (int64_t x = 0; x < dh; ++x) {
+      VecF qv[TQ];
+      for (int j = 0; j < TQ; ++j) qv[j] = vload(qT + x * ldq + j * kLanes);
+      for (int k = 0; k < kTK; ++k) {
+        const float kx = kr[k][x];
+        for (int j = 0; j < TQ; ++j) acc[k][j] += qv[j] * kx;
       }
-      const T* kp = kc + off;
-      const T* vp = vc + off;
-      for (int64_t x = 0; x < dh; ++x) kt[x * KB + t] = load(kp + x);
-      for (int64_t x = 0; x < dh; ++x) vb[t * dh + x] = load(vp + x);
     }
-    if (count == 0) break;
-    for (int64_t x = 0; x < dh; ++x)  // the tail may hold stale (NaN) keys: zero it
-      for (int64_t t = count; t < KB; ++t) kt[x * KB + t] = 0.f;
-    for (int i = 0; i < nq; ++i) {
-      const int64_t n = std::clamp<int64_t>(lens[i / GB] - start, 0, count);
-      if (n == 0) continue;  // this row's causal limit ends before the block
-      float s[KB];  // scores, then weights (in memory: indexed by n below)
-      {
-        float r[KB] = {};  // registers: only ever indexed by constants after unrolling
-        const float* qi = qf + i * dh;
-        for (int64_t x = 0; x < dh; ++x) {
-          const float qx = qi[x];
-          const float* ktx = kt + x * KB;
-#pragma omp simd
-          for (int t = 0; t < KB; ++t) r[t] += qx * ktx[t];
-        }
-        std::memcpy(s, r, sizeof s);
-      }
-      float block_max = s[0];
-      for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, s[t]);
-      const float new_max = std::max(m[i], block_max);
-      const float correction = start == 0 ? 0.f : softmax_exp(m[i] - new_max);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int t = 0; t < KB; ++t) {
-        s[t] = t < n ? softmax_exp(s[t] - new_max) : 0.f;
-        sum += s[t];
-      }
-      l[i] = l[i] * correction + sum;
-      m[i] = new_max;
-      // The accumulator in a local array: registers when DH is a constant (through the
-      // scratch pointer the compiler must assume it aliases the cache and reload it per key).
-      float local[DH ? DH : 1];
-      float* ai = DH ? local : acc + i * dh;
-      for (int64_t x = 0; x < dh; ++x) ai[x] = acc[i * dh + x] * correction;
-      for (int64_t t = 0; t < n; ++t) {
-        const float w = s[t];
-        const float* vt = vb + t * dh;
-#pragma omp simd
-        for (int64_t x = 0; x < dh; ++x) ai[x] += w * vt[x];
-      }
-      if (DH) std::memcpy(acc + i * dh, ai, sizeof(float) * dh);
+    for (int k = 0; k < kTK; ++k)
+      for (int j = 0; j < TQ; ++j) vstore(s + ((t0 + k) * TQ + j) * kLanes, acc[k][j]);
+  }
+}
+
+// oT[x][j] = oT[x][j] * corr[j] + sum_{t < nk} p[t][j] * vrow[t][x], TX dims from x0.
+template <int TQ, int TX>
+inline void pv_tile(const float* p, const float* const* vrow, int nk, const VecF* corr,
+                    float* oT, int64_t ldq, int64_t x0) {
+  VecF acc[TX][TQ];
+  for (int xx = 0; xx < TX; ++xx)
+    for (int j = 0; j < TQ; ++j)
+      acc[xx][j] = opaque(vload(oT + (x0 + xx) * ldq + j * kLanes) * corr[j]);
+  for (int t = 0; t < nk; ++t) {
+    VecF pv[TQ];
+    for (int j = 0; j < TQ; ++j) pv[j] = vload(p + (t * TQ + j) * kLanes);
+    const float* v = vrow[t] + x0;
+    if (x0 == 0 && t + 4 < nk) __builtin_prefetch(vrow[t + 4]);  // (measured: +2-3%)
+    for (int xx = 0; xx < TX; ++xx) {
+      const float vx = v[xx];
+      for (int j = 0; j < TQ; ++j) acc[xx][j] += pv[j] * vx;
     }
   }
-  finish_queries<T>(nq, dh, [&](int64_t i) { return out + query(i); }, acc, l);
+  for (int xx = 0; xx < TX; ++xx)
+    for (int j = 0; j < TQ; ++j) vstore(oT + (x0 + xx) * ldq + j * kLanes, acc[xx][j]);
+}
+
+// One query tile (TQ vectors from lane vector j0) against the key block at `start`: count
+// keys (krow/vrow: each key's and value's floats; krow then zeros up to kKeyBlock).
+// lens: each lane's row length; tile_max/min: the longest and shortest of the tile's rows.
+template <int TQ>
+inline void tile_step(const float* qT, float* oT, int64_t ldq, int j0, const float* const* krow,
+                      const float* const* vrow, int64_t dh, int64_t start, int count,
+                      const VecI* lens, int32_t tile_max, int32_t tile_min, VecF* m, VecF* l,
+                      float* s) {
+  const int nk = static_cast<int>(std::clamp<int64_t>(tile_max - start, 0, count));
+  if (nk == 0) return;  // every row of the tile ends before this block
+  const bool masked = start + nk > tile_min;  // some lane sees only part of [start, start+nk)
+  score_tile<TQ>(qT + j0 * kLanes, ldq, krow, dh, (nk + kTK - 1) / kTK * kTK, s);
+  VecF corr[TQ];
+  const VecF neg_inf = vsplat(-std::numeric_limits<float>::infinity());
+  for (int j = 0; j < TQ; ++j) {
+    VecF block_max = neg_inf;
+    if (masked) {
+      const VecI visible_to = lens[j0 + j] - static_cast<int32_t>(start);  // t < this: seen
+      for (int t = 0; t < nk; ++t) {
+        const VecF st = vload(s + (t * TQ + j) * kLanes);
+        block_max = vmax(block_max, t < visible_to ? st : neg_inf);
+      }
+    } else {
+      for (int t = 0; t < nk; ++t) block_max = vmax(block_max, vload(s + (t * TQ + j) * kLanes));
+    }
+    const VecF old_max = m[j0 + j];
+    const VecF new_max = vmax(old_max, block_max);
+    // A lane's first keys: nothing to correct (and -inf - -inf would be NaN).
+    corr[j] = old_max == neg_inf ? VecF{} : vexp(old_max - new_max);
+    VecF sum = VecF{};
+    if (masked) {
+      const VecI visible_to = lens[j0 + j] - static_cast<int32_t>(start);
+      for (int t = 0; t < nk; ++t) {
+        float* st = s + (t * TQ + j) * kLanes;
+        const VecF pt = t < visible_to ? vexp(vload(st) - new_max) : VecF{};
+        vstore(st, pt);
+        sum += pt;
+      }
+    } else {
+      for (int t = 0; t < nk; ++t) {
+        float* st = s + (t * TQ + j) * kLanes;
+        const VecF pt = vexp(vload(st) - new_max);
+        vstore(st, pt);
+        sum += pt;
+      }
+    }
+    l[j0 + j] = l[j0 + j] * corr[j] + sum;
+    m[j0 + j] = new_max;
+  }
+  int64_t x0 = 0;
+  float* o = oT + j0 * kLanes;
+  for (; x0 + kTX <= dh; x0 += kTX) pv_tile<TQ, kTX>(s, vrow, nk, corr, o, ldq, x0);
+  for (; x0 < dh; ++x0) pv_tile<TQ, 1>(s, vrow, nk, corr, o, ldq, x0);
+}
+
+// nb (2..kMaxBlockRows) consecutive rows of one slot, row r seeing its first lens[r] keys (a
+// causal chunk: lens grow by one per row), times the g heads [head0, head0 + g) of kv head kvh
+// (nb * g <= kMaxQueries).
+template <typename T>
+void attend_block(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
+                  const Dims& d, int32_t slot, const int32_t* lens, int nb, float scale,
+                  int64_t row0, int64_t kvh, int64_t head0, int64_t g, T* out, float* scratch) {
+  constexpr int KB = kKeyBlock;
+  const int64_t dh = d.head_dim;
+  const int64_t nq = nb * g;                          // query i: row i / g, head i % g
+  const int nv = static_cast<int>((nq + kLanes - 1) / kLanes);  // lane vectors
+  const int64_t ldq = nv * kLanes;
+  const int64_t token_stride = d.kv_heads * dh;
+  float* qT = scratch;               // [Dh, ldq] scaled queries, transposed; 0 in spare lanes
+  float* oT = qT + dh * ldq;         // [Dh, ldq] output accumulators
+  float* kb = oT + dh * ldq;         // [KB, Dh] this block's keys (as float)
+  float* vb = kb + KB * dh;          // [KB, Dh] values
+  float* s = vb + KB * dh;           // [KB, kMaxTQ * kLanes] one tile's scores, then weights
+  float* zeros = s + KB * kMaxTQ * kLanes;  // [Dh] a key of zeros
+  VecF m[kMaxVecs], l[kMaxVecs];  // per lane: running max and sum
+  VecI lane_len[kMaxVecs];
+  int32_t vec_max[kMaxVecs], vec_min[kMaxVecs];  // per vector: its lanes' longest and shortest
+  int32_t max_len = 0;
+  for (int j = 0; j < nv; ++j) {
+    int32_t lo = std::numeric_limits<int32_t>::max(), hi = 0;
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t i = j * kLanes + lane;
+      const int32_t n = i < nq ? lens[i / g] : 0;
+      lane_len[j][lane] = n;
+      hi = std::max(hi, n);
+      if (i < nq) lo = std::min(lo, n);
+    }
+    vec_max[j] = hi;
+    vec_min[j] = lo;
+    max_len = std::max(max_len, hi);
+    m[j] = vsplat(-std::numeric_limits<float>::infinity());
+    l[j] = VecF{};
+  }
+  auto query = [&](int64_t i) { return ((row0 + i / g) * d.heads + head0 + i % g) * dh; };
+  for (int64_t i = 0; i < ldq; ++i) {
+    if (i < nq) {
+      const T* qi = q + query(i);
+      for (int64_t x = 0; x < dh; ++x) qT[x * ldq + i] = load(qi + x) * scale;
+    } else {
+      for (int64_t x = 0; x < dh; ++x) qT[x * ldq + i] = 0.f;
+    }
+  }
+  std::fill(oT, oT + dh * ldq, 0.f);
+  std::fill(zeros, zeros + dh, 0.f);
+  for (int64_t start = 0; start < max_len; start += KB) {
+    const int64_t want = std::min<int64_t>(KB, max_len - start);
+    // Each key's and value's row: in the cache itself for float32, converted for bfloat16.
+    const float* krow[KB];
+    const float* vrow[KB];
+    int64_t count = 0;
+    while (count < want) {  // page by page: one table lookup each
+      const int64_t off = token_offset(d, page_table, layer, slot, start + count, kvh);
+      if (off < 0) break;  // a corrupt table: read nothing past it
+      const int64_t n = std::min(want - count, d.page_size - (start + count) % d.page_size);
+      for (int64_t t = 0; t < n; ++t, ++count) {
+        const T* kp = kc + off + t * token_stride;
+        const T* vp = vc + off + t * token_stride;
+        if constexpr (std::is_same_v<T, float>) {
+          krow[count] = kp;
+          vrow[count] = vp;
+        } else {
+          float* kt = kb + count * dh;
+          float* vt = vb + count * dh;
+          for (int64_t x = 0; x < dh; ++x) kt[x] = load(kp + x);
+          for (int64_t x = 0; x < dh; ++x) vt[x] = load(vp + x);
+          krow[count] = kt;
+          vrow[count] = vt;
+        }
+      }
+    }
+    if (count == 0) break;
+    // Score tiles may run past the last key: zeros there, never a stale (NaN) key.
+    for (int64_t t = count; t < KB; ++t) krow[t] = zeros;
+    for (int j0 = 0; j0 < nv;) {
+      const int tq = std::min(kMaxTQ, nv - j0);
+      int32_t hi = 0, lo = std::numeric_limits<int32_t>::max();
+      for (int j = j0; j < j0 + tq; ++j) {
+        hi = std::max(hi, vec_max[j]);
+        lo = std::min(lo, vec_min[j]);
+      }
+      const int c = static_cast<int>(count);
+      if (tq >= 3) {
+        tile_step<std::min(3, kMaxTQ)>(qT, oT, ldq, j0, krow, vrow, dh, start, c, lane_len, hi,
+                                        lo, m, l, s);
+      } else if (tq == 2) {
+        tile_step<2>(qT, oT, ldq, j0, krow, vrow, dh, start, c, lane_len, hi, lo, m, l, s);
+      } else {
+        tile_step<1>(qT, oT, ldq, j0, krow, vrow, dh, start, c, lane_len, hi, lo, m, l, s);
+      }
+      j0 += tq;
+    }
+    if (count < want) break;
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const float li = l[i / kLanes][i % kLanes];
+    const float inv = li > 0.f ? 1.f / li : 0.f;
+    T* o = out + query(i);
+    for (int64_t x = 0; x < dh; ++x) store(o + x, oT[x * ldq + i] * inv);
+  }
+}
+
+// Scratch floats attend_block needs for rows x g queries of head_dim dh.
+inline int64_t block_scratch_floats(int64_t rows, int64_t g, int64_t dh) {
+  const int64_t ldq = (rows * g + kLanes - 1) / kLanes * kLanes;
+  return 2 * dh * ldq + 2 * kKeyBlock * dh + kKeyBlock * kMaxTQ * kLanes + dh;
 }
 
 // Runs fn(i) for every i in [0, total), in parallel where it can; returns when all are done.
@@ -273,70 +512,76 @@ void attend_rows(const T* qp, const T* kp, const T* vp, const int32_t* slots,
                  const int32_t* lens, const int32_t* table, int64_t lyr, const Dims& d,
                  int64_t rows, float scale, T* op, const ParallelFor& parallel_for) {
   const int64_t g_count = d.heads / d.kv_heads;
-  // Heads per work item: the largest of 4, 3, 2, 1 that divides the group (GQA ratio).
+  // Decode rows: heads per kernel step, the largest of 4, 3, 2, 1 that divides the group.
   const int gb = g_count % 4 == 0 ? 4 : g_count % 3 == 0 ? 3 : g_count % 2 == 0 ? 2 : 1;
-  const int64_t head_blocks = d.heads / gb;
   const int64_t max_len = d.pages_per_seq * d.page_size;
   // Valid lengths: out-of-range metadata reads nothing (a padding row), never memory past the
-  // cache. Then runs of rows on one slot become blocks of up to kBlockRows.
+  // cache. Then runs of rows on one slot become blocks of up to block_rows rows.
   std::vector<int32_t> len(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const bool ok = slots[r] >= 0 && slots[r] < d.num_slots && lens[r] <= max_len;
     len[r] = ok ? std::max(lens[r], 0) : 0;
   }
+  // Chunk blocks: gh heads (the whole group, or a divisor of a group too large for the lanes)
+  // times about 48 queries' worth of rows (3 AVX-512 vectors), at least 16 rows.
+  int64_t gh = g_count;
+  while (2 * gh > kMaxQueries || g_count % gh) --gh;
+  const int brows = static_cast<int>(std::min<int64_t>(
+      {kMaxBlockRows, kMaxQueries / gh, std::max<int64_t>(16, 48 / gh)}));
   std::vector<std::pair<int64_t, int>> blocks;  // (first row, rows)
   for (int64_t r = 0; r < rows;) {
     int nb = 1;
-    while (len[r] > 0 && nb < kBlockRows && r + nb < rows && len[r + nb] > 0 &&
+    while (len[r] > 0 && nb < brows && r + nb < rows && len[r + nb] > 0 &&
            slots[r + nb] == slots[r])
       ++nb;
     blocks.emplace_back(r, nb);
     r += nb;
   }
-  // Per thread: attend_block's [rows*GB, Dh] queries and accumulators + a key and a value
-  // block; attend_item's [GB, Dh] queries + [GB, page] scores (+ accumulators for any Dh).
-  const int64_t block_scratch = gb * kBlockRows * 2 * d.head_dim + 2 * d.head_dim * kKeyBlock;
+  // Per thread: attend_block's transposed queries and accumulators, key and value blocks and
+  // one tile's scores; attend_item's [heads, Dh] queries, accumulators + [heads, page] scores.
   const int64_t item_scratch = d.heads * (2 * d.head_dim + d.page_size + 2);
-  const int64_t scratch_size = std::max(block_scratch, item_scratch);
-  // Work items: a chunk block times a block of query heads, or a single row with all its heads.
-  std::vector<std::pair<int64_t, int64_t>> items;  // (block, head block or -1 for all heads)
-  for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
-    if (blocks[b].second == 1) {
-      items.emplace_back(b, -1);
-    } else {
-      for (int64_t hb = 0; hb < head_blocks; ++hb) items.emplace_back(b, hb);
-    }
-  }
+  const int64_t scratch_size =
+      std::max(block_scratch_floats(brows, gh, d.head_dim), item_scratch) + kLanes;
+  // Work items: a chunk block times gh heads of one kv head, or a single row with all heads.
+  // Head group major: consecutive items read the same kv head's keys, which stay in cache.
+  std::vector<std::pair<int64_t, int64_t>> items;  // (block, head group or -1 for all heads)
+  for (int64_t hg = 0; hg < d.heads / gh; ++hg)
+    for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b)
+      if (blocks[b].second > 1) items.emplace_back(b, hg);
+  for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b)
+    if (blocks[b].second == 1) items.emplace_back(b, -1);
   parallel_for(items.size(), [&, scratch_size](int64_t i) {
     const auto [row, nb] = blocks[items[i].first];
-    const int64_t hb = items[i].second;
-    const int64_t head0 = std::max<int64_t>(hb, 0) * gb, kvh = head0 / g_count;
+    const int64_t head0 = items[i].second * gh;
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < scratch_size) scratch.resize(scratch_size);
     const int32_t slot = slots[row];
+    // Vector-aligned, so the transposed rows never split a cache line.
     float* sc = scratch.data();
-    auto item = [&](auto gb_tag, auto dh_tag) {
-      constexpr int GB = decltype(gb_tag)::value, DH = decltype(dh_tag)::value;
-      if (nb == 1) {
-        attend_item<GB, DH>(qp, kp, vp, table, lyr, d, slot, len[row], scale, row, 0,
-                            d.kv_heads, op, sc);
-      } else {
-        attend_block<GB, DH>(qp, kp, vp, table, lyr, d, slot, &len[row], nb, scale, row, kvh,
-                             head0, op, sc);
+    sc += (kLanes - reinterpret_cast<uintptr_t>(sc) / sizeof(float) % kLanes) % kLanes;
+    auto with_dh = [&](auto fn) {
+      switch (d.head_dim) {
+        case 64: return fn(std::integral_constant<int, 64>());
+        case 128: return fn(std::integral_constant<int, 128>());
+        default: return fn(std::integral_constant<int, 0>());
       }
     };
-    auto with_dh = [&](auto gb_tag) {
-      switch (d.head_dim) {
-        case 64: return item(gb_tag, std::integral_constant<int, 64>());
-        case 128: return item(gb_tag, std::integral_constant<int, 128>());
-        default: return item(gb_tag, std::integral_constant<int, 0>());
-      }
+    if (nb > 1) {
+      attend_block(qp, kp, vp, table, lyr, d, slot, &len[row], nb, scale, row, head0 / g_count,
+                   head0, gh, op, sc);
+      return;
+    }
+    auto item = [&](auto gb_tag) {
+      with_dh([&](auto dh_tag) {
+        attend_item<decltype(gb_tag)::value, decltype(dh_tag)::value>(
+            qp, kp, vp, table, lyr, d, slot, len[row], scale, row, 0, d.kv_heads, op, sc);
+      });
     };
     switch (gb) {
-      case 4: with_dh(std::integral_constant<int, 4>()); break;
-      case 3: with_dh(std::integral_constant<int, 3>()); break;
-      case 2: with_dh(std::integral_constant<int, 2>()); break;
-      default: with_dh(std::integral_constant<int, 1>());
+      case 4: item(std::integral_constant<int, 4>()); break;
+      case 3: item(std::integral_constant<int, 3>()); break;
+      case 2: item(std::integral_constant<int, 2>()); break;
+      default: item(std::integral_constant<int, 1>());
     }
   });
 }
