@@ -46,8 +46,8 @@ class Dims:
     page_size: int = 16
     decodes: int = 64
     chunk_len: int = 512
-    chunks_only: int = 4  # chunk slots of a chunk-only batch
-    chunks_mixed: int = 2  # chunk slots of a mixed batch
+    chunks_only: int = 4  # chunks of chunk_len rows packed in a chunk-only batch
+    chunks_mixed: int = 2  # chunks packed in a mixed batch
     contexts: tuple[int, ...] = (1024, 2048, 4096, 8192)
 
 
@@ -67,7 +67,9 @@ def make_batch(dims: Dims, kind: str, context: int, dtype, seed: int = 0):
     perm = rng.permutation(np.arange(1, num_pages)).astype(np.int32)
     page_table = perm.reshape(s, pages_per_seq)
     kv_lens = np.full(s, context, np.int32)
-    chunk_lens = np.full(c, p, np.int32)
+    # Chunks packed back to back (each chunk_len rows), then the decode rows.
+    q_starts = np.concatenate([np.arange(c) * p, c * p + np.arange(d)]).astype(np.int32)
+    q_lens = np.concatenate([np.full(c, p), np.ones(d)]).astype(np.int32)
     t = c * p + d
     positions = np.concatenate([np.tile(np.arange(context - p, context), c),
                                 np.full(d, context - 1)]).astype(np.int32)
@@ -77,9 +79,10 @@ def make_batch(dims: Dims, kind: str, context: int, dtype, seed: int = 0):
     q = jax.random.normal(kq, (t, dims.num_heads, dims.head_dim), dtype)
     k_pages = jax.random.normal(kk, cache_shape, dtype)
     v_pages = jax.random.normal(kv, cache_shape, dtype)
-    shape = AttentionShape(c, p, d, ps, pages_per_seq)
-    meta = dict(positions=jnp.asarray(positions), chunk_lens=jnp.asarray(chunk_lens),
-                kv_lens=jnp.asarray(kv_lens), page_table=jnp.asarray(page_table))
+    shape = AttentionShape(c * p, c, d, ps, pages_per_seq)
+    meta = dict(positions=jnp.asarray(positions), q_starts=jnp.asarray(q_starts),
+                q_lens=jnp.asarray(q_lens), kv_lens=jnp.asarray(kv_lens),
+                page_table=jnp.asarray(page_table))
     return shape, q, k_pages, v_pages, meta
 
 
@@ -112,10 +115,10 @@ def run_case(dims, kind, context, dtype, *, interpret: bool, repeats: int, tol: 
     ok = bool(np.allclose(got, ref, atol=tol, rtol=tol))
     t_ref = median_seconds(ref_fn, args, meta, repeats)
     t_ker = median_seconds(ker_fn, args, meta, repeats)
-    kv_bytes = 2 * (shape.num_chunk_slots + shape.num_decode_slots) * context * \
+    kv_bytes = 2 * shape.num_seqs * context * \
         dims.num_kv_heads * dims.head_dim * jnp.dtype(dtype).itemsize
-    return dict(kind=kind, context=context, chunks=shape.num_chunk_slots,
-                chunk_len=shape.chunk_len, decodes=shape.num_decode_slots, max_abs_err=err, ok=ok,
+    return dict(kind=kind, context=context, chunks=shape.max_chunk_seqs,
+                chunk_len=dims.chunk_len, decodes=shape.num_decode_slots, max_abs_err=err, ok=ok,
                 xla_ms=t_ref * 1e3, pallas_ms=t_ker * 1e3, speedup=t_ref / t_ker,
                 kv_bytes=kv_bytes, pallas_kv_gbps=kv_bytes / t_ker / 1e9)
 

@@ -50,7 +50,8 @@ class Runner:
                                      f"(mesh_shape={cfg.mesh_shape!r}) yet: use attention='xla'")
                 self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
         # Converted once to the serving layout; the caller's params are left as they are.
-        self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout)
+        self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout,
+                                     native_matmul=self._native_matmul_available())
         self.params = to_layout(model_cfg, params, self.layout)
         if self.placement:
             self.params = shard_params(self.params, self.placement.params)
@@ -72,21 +73,65 @@ class Runner:
         self._warm_up()
         self.startup_compile_s = time.perf_counter() - t0
 
+    def _native_matmul_available(self) -> bool:
+        """Whether `weight_layout=auto` may use the native skinny matmul: one CPU device, a CPU
+        it supports (checked before building), and a build that succeeds (else logged)."""
+        if self.placement or jax.default_backend() != "cpu" or self.cfg.weight_layout != "auto":
+            return False
+        from jaxserve.native import matmul_build
+        if not matmul_build.supported():
+            return False
+        try:
+            matmul_build.load()
+        except NativeBuildError as e:
+            logging.warning("weight_layout=auto: the native matmul cannot be built here (%s); "
+                            "using XLA's dot", e)
+            return False
+        return True
+
     def _compile(self):
         build = functools.partial(
             compile_steps, self.model_cfg, self.layout, self.params, self.cache, self._rope,
             self.mixed_shape, interpret=self.cfg.pallas_interpret, num_top=self.num_top,
             placement=self.placement)
-        if self.backend == "cpu" and self.cfg.attention == "auto":
-            # Decided before compiling, from what is known: can the native kernel be built here?
+        if self.cfg.attention == "auto" and self.backend != "xla":
+            # Decided before compiling, from what is known: a kernel that cannot serve this
+            # model here is replaced by the reference, and the log says why. A kernel that
+            # passes these checks and then fails to compile is an error, not a slow run.
+            reason = self._kernel_unfit()
+            if reason:
+                logging.warning("attention=auto: %s cannot serve this model (%s); using xla",
+                                self.backend, reason)
+                self.backend = "xla"
+        return build(backend=self.backend)
+
+    def _kernel_unfit(self) -> str | None:
+        """Why the chosen kernel cannot serve this model here, or None: the native kernel must
+        build; a Pallas kernel's trace-time shape rules (Triton's powers of two, TPU tiles) must
+        hold for this model's shapes, checked by tracing attention alone (no compile)."""
+        if self.backend == "cpu":
             from jaxserve.native import build as native_build
             try:
                 native_build.load()
             except NativeBuildError as e:
-                logging.warning("attention=auto: the native CPU kernel cannot be built here "
-                                "(%s); using xla", e)
-                self.backend = "xla"
-        return build(backend=self.backend)
+                return str(e)
+            return None
+        from jaxserve.attention import attention_fn
+        m, i32 = self.model_cfg, jnp.int32
+        k = jax.ShapeDtypeStruct(self.cache.k.shape, self.cache.k.dtype)
+        for shape in (self.mixed_shape, self.mixed_shape.decode_only()):
+            t, s = shape.num_tokens, shape.num_seqs
+            q = jax.ShapeDtypeStruct((t, m.num_heads, m.head_dim), self.cache.k.dtype)
+            vec = lambda n: jax.ShapeDtypeStruct((n,), i32)  # noqa: E731
+            try:
+                attend = attention_fn(self.backend, shape, interpret=self.cfg.pallas_interpret)
+                jax.eval_shape(
+                    lambda q, k, v, kw: attend(q, k, v, layer=0, **kw), q, k, k,
+                    dict(positions=vec(t), q_starts=vec(s), q_lens=vec(s), kv_lens=vec(s),
+                         page_table=jax.ShapeDtypeStruct((s, shape.pages_per_seq), i32)))
+            except ValueError as e:
+                return str(e)
+        return None
 
     def _warm_up(self) -> None:
         """Runs each executable once on an empty batch (it writes only the trash page), so

@@ -31,7 +31,8 @@ def _warm_tpu_interpreter():
     the engine's own compiles."""
     case = make_step_case(np.random.default_rng(0), chunks=[(2, 3)], chunk_len=4, decodes=[2],
                           page_size=4, pages_per_seq=2, num_heads=2, num_kv_heads=1, head_dim=8)
-    fn = attention_fn("pallas_tpu", AttentionShape(1, 4, 1, 4, 2), interpret=True)
+    fn = attention_fn("pallas_tpu", AttentionShape(case.chunk_tokens, case.max_chunk_seqs, 1, 4, 2),
+                      interpret=True)
     jax.block_until_ready(jax.jit(fn)(case.q, case.k_pages, case.v_pages, **case.kwargs()))
 
 
