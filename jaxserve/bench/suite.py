@@ -294,9 +294,10 @@ def vllm_peer_report(opts, vllm: dict, result: dict, reqs, runs: list[dict],
             "torch_version": result.get("torch_version"),
             "startup_s": result.get("startup_s"), "env": result.get("env", {}),
             "prefix_caching": False,
-            "arrivals": ("the workload's arrival times; anchored requests (interference's long "
-                         "prompts) at the absolute times they arrived in jaxserve's "
-                         f"{runs[0]['mode']} run"),
+            "arrivals": (f"the long prompts at the times (after the run's start) they arrived "
+                         f"in jaxserve's {runs[0]['mode']} run, the streams at 0"
+                         if any(r.after_first_tokens_of for r in reqs)
+                         else "the workload's"),
             "run": run,
             "ratios": {r["mode"]: rep.peer_comparison(r, run) for r in runs}}
     if all(r.params.temperature == 0 for r in reqs):

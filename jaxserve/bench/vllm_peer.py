@@ -18,6 +18,14 @@ What is the same on both sides:
   - prefix caching is off (enable_prefix_caching=False): jaxserve has none, and a trace may
     repeat prompts;
   - a warm-up (two throw-away requests, as jaxserve's) before the timed run.
+
+vLLM runs as its users get it from `LLMEngine` (V1: the engine core in a process of its own,
+VLLM_ENABLE_V1_MULTIPROCESSING's default); a token is stamped when the `step()` that returned it
+comes back to the worker's loop, as jaxserve's runner stamps its own. The CPU backend's settings
+come from the environment: VLLM_CPU_KVCACHE_SPACE (GiB; default here 4) and
+VLLM_CPU_OMP_THREADS_BIND (default here: every CPU this process may run on); set them to
+override. Its start-up (about a minute: torch.compile, then a cache under ~/.cache/vllm) is
+reported, not timed.
 """
 
 from __future__ import annotations

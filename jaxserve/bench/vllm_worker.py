@@ -90,6 +90,7 @@ def replay(engine, vllm, requests: list[dict], clock=time.perf_counter,
 def main(job_path: str, result_path: str) -> None:
     with open(job_path, encoding="utf-8") as f:
         job = json.load(f)
+    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k == "OMP_NUM_THREADS"}
     t_start = time.perf_counter()
     import vllm
     from vllm import EngineArgs, LLMEngine
@@ -114,7 +115,7 @@ def main(job_path: str, result_path: str) -> None:
     result.update({
         "vllm_version": vllm.__version__, **torch_info, "startup_s": startup_s,
         "engine_args": job["engine"],
-        "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}})
+        "env": env})
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
 

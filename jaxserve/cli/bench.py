@@ -134,7 +134,7 @@ def print_report(out: dict) -> None:
 
 def vllm_notes(peer: dict) -> list[str]:
     lines = [f"vLLM: prefix caching off; started in {peer['startup_s']:.1f} s (not timed); "
-             f"arrivals: {peer['arrivals']}."]
+             f"arrivals: {peer['arrivals']}"]
     g = peer.get("greedy_agreement")
     if g:
         lines.append(f"vLLM greedy outputs: first token equal in {g['first_token_equal']:.0%} "
