@@ -184,17 +184,18 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
 //
 // Rows that share a slot (a prefill chunk's tokens) are worked in blocks: up to 16 consecutive
 // rows (more for small GQA groups: about 48 queries) times the GQA group of one kv head. The
-// block's queries live in the lanes of SIMD vectors (query i = row * group + head, transposed once per
-// block to [Dh, lanes]), so that against each block of kKeyBlock keys
+// block's queries live in the lanes of SIMD vectors (query i = row * group + head, transposed
+// once per block to [Dh, lanes]), so that against each block of kKeyBlock keys
 //   scores  S[key, query] = K[key, :] . Q^T[:, query]   and   O^T[:, query] += V^T . P[:, query]
 // are two small matrix products computed by register-tiled micro-kernels (TK keys x TQ query
 // vectors, TX output dims x TQ query vectors: every loaded vector feeds several independent
 // FMA chains), and the online softmax between them is elementwise across lanes. Key blocks
 // sit at absolute positions (0, 64, 128, ...) and every lane computes exactly what it would
-// alone (its own FMA chain per score and output element; where a lane sees none of a tile's
-// keys its update is exactly the identity: correction 1, weights 0), so a row's output does
-// not depend on which rows share its block. Key blocks past every row of a query tile (above
-// the causal diagonal) are skipped, and a diagonal block is cut at the tile's last visible key.
+// in any other block (its own FMA chain per score and output element; where a lane sees none
+// of a tile's keys its update is exactly the identity: correction 1, weights 0), so a row's
+// output does not depend on which rows share its block. Key blocks past every row of a query
+// tile (above the causal diagonal) are skipped, and a diagonal block is cut at the tile's last
+// visible key. float32 keys and values are read in place; bfloat16 ones converted per block.
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;  // floats per vector
