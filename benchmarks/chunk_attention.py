@@ -10,8 +10,9 @@ prefill chunk at contexts 512/1024/1536/2048 (the bench model's attention: 12 qu
 keys), (3) the same chunk through the XLA reference (jaxserve.attention.reference_attention),
 and with --baseline the kernel's sources at that git revision, built into the same cache and
 registered under another FFI target. FLOPs count the two matmuls: 4 * heads * head_dim * sum
-over rows of row_len. Times are medians of --repeats, the variants interleaved so that a busy
-neighbour slows each alike (the machine may be shared: compare ratios).
+over rows of row_len. Times are medians of --repeats calls, in 3 rounds of consecutive calls
+per variant, so that a busy neighbour slows each alike (the machine may be shared: compare
+ratios).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pallas_kernels.ragged import stacked_cache  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, CHUNK = 12, 4, 64, 16, 512
 CONTEXTS = (512, 1024, 1536, 2048)
+ROUNDS = 3
 
 
 def cpu_summary() -> dict:
@@ -122,7 +124,8 @@ def reference_fn(case):
         q, k, v, positions=jnp.asarray(case["positions"]), kv_lens=kv,
         page_table=jnp.asarray(case["table"]),
         shape=shape, **kw))
-    return lambda: f(case["q"], case["k"], case["v"])
+    q, k, v = (jnp.asarray(case[n]) for n in "qkv")
+    return lambda: f(q, k, v)
 
 
 def main() -> None:
@@ -157,8 +160,10 @@ def main() -> None:
         row_len = case["positions"] + 1
         flops = 4 * HEADS * HEAD_DIM * int(row_len.sum())
         runs = {}
-        args_k = (case["q"], case["k"], case["v"], np.zeros(CHUNK, np.int32), row_len,
-                  case["table"])
+        # On the device (the CPU) once: the timed calls copy nothing in.
+        args_k = tuple(jnp.asarray(x) for x in (case["q"], case["k"], case["v"],
+                                                np.zeros(CHUNK, np.int32), row_len,
+                                                case["table"]))
         for name, f in variants.items():
             runs[name] = lambda f=f: f(*args_k)
         if not args.no_reference:
@@ -173,12 +178,17 @@ def main() -> None:
                 runs["xla_reference"] = ref
         outs = {name: np.asarray(run()) for name, run in runs.items()}  # compile + warm
         want = outs.get("xla_reference")
+        # Rounds of consecutive calls per variant, after one untimed call: right after an XLA
+        # computation its thread pool still spins for a while, which would slow whatever runs
+        # next on a machine with few cores.
         times = {name: [] for name in runs}
-        for _ in range(args.repeats):
+        for _ in range(ROUNDS):
             for name, run in runs.items():
-                t = time.perf_counter()
                 jax.block_until_ready(run())
-                times[name].append(time.perf_counter() - t)
+                for _ in range(-(-args.repeats // ROUNDS)):
+                    t = time.perf_counter()
+                    jax.block_until_ready(run())
+                    times[name].append(time.perf_counter() - t)
         row = {"context": context, "rows": CHUNK, "gflop": flops / 1e9}
         for name in runs:
             med = float(np.median(times[name]))
