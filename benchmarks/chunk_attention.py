@@ -1,18 +1,18 @@
 """Chunk-row attention on the CPU: the native kernel's GFLOP/s against XLA's f32 GEMM peak.
 
-  python benchmarks/chunk_attention.py [--baseline=REV] [--repeats=9]
+  python benchmarks/chunk_attention.py [--baseline=REV] [--repeats=9] [--dtype=bfloat16]
                                        [--json_out=benchmarks/results/chunk_attention.json]
 
 In one process: (1) XLA's f32 GEMM peak (best of 10 jitted 2048^3 matmuls before the rest and
 10 after: the higher), (2) the native kernel (jaxserve/native, as in the tree) on one 512-row
 prefill chunk at contexts 512/1024/1536/2048 (the bench model's attention: 12 query heads,
-4 kv heads, head_dim 64, pages of 16, float32; row r sees the first context - 512 + r + 1
-keys), (3) the same chunk through the XLA reference (jaxserve.attention.reference_attention),
-and with --baseline the kernel's sources at that git revision, built into the same cache and
-registered under another FFI target. FLOPs count the two matmuls: 4 * heads * head_dim * sum
-over rows of row_len. Times are medians of --repeats calls, in 3 rounds of consecutive calls
-per variant, so that a busy neighbour slows each alike (the machine may be shared: compare
-ratios).
+4 kv heads, head_dim 64, pages of 16, float32 unless --dtype; row r sees the first
+context - 512 + r + 1 keys), (3) the same chunk through the XLA reference
+(jaxserve.attention.reference_attention), and with --baseline the kernel's sources at that git
+revision, built into the same cache and registered under another FFI target. FLOPs count the
+two matmuls: 4 * heads * head_dim * sum over rows of row_len. Times are medians of --repeats
+calls, in 3 rounds of consecutive calls per variant, so that a busy neighbour slows each alike
+(the machine may be shared: compare ratios).
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def main() -> None:
                     help="git revision whose jaxserve/native kernel to time as well")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no_reference", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="of q and the cache (the GEMM peak stays float32)")
     ap.add_argument("--json_out", default=str(ROOT / "benchmarks/results/chunk_attention.json"))
     args = ap.parse_args()
 
@@ -161,6 +163,8 @@ def main() -> None:
         flops = 4 * HEADS * HEAD_DIM * int(row_len.sum())
         runs = {}
         # On the device (the CPU) once: the timed calls copy nothing in.
+        dt = jnp.dtype(args.dtype)
+        case.update({n: np.asarray(jnp.asarray(case[n], dt)) for n in "qkv"})
         args_k = tuple(jnp.asarray(x) for x in (case["q"], case["k"], case["v"],
                                                 np.zeros(CHUNK, np.int32), row_len,
                                                 case["table"]))
@@ -178,9 +182,10 @@ def main() -> None:
                 runs["xla_reference"] = ref
         outs = {name: np.asarray(run()) for name, run in runs.items()}  # compile + warm
         want = outs.get("xla_reference")
-        # Rounds of consecutive calls per variant, after one untimed call: right after an XLA
-        # computation its thread pool still spins for a while, which would slow whatever runs
-        # next on a machine with few cores.
+        # Rounds of consecutive calls per variant, after one untimed call: called right after
+        # another executable (every call interleaved), the kernel measured up to ~2x slower on
+        # 2 cores (the other's thread pool still busy, presumably); inside one executable,
+        # after a matmul, it costs what it costs alone.
         times = {name: [] for name in runs}
         for _ in range(ROUNDS):
             for name, run in runs.items():
@@ -194,7 +199,8 @@ def main() -> None:
             med = float(np.median(times[name]))
             row[name] = {"ms": med * 1e3, "gflops": flops / med / 1e9}
             if want is not None and name != "xla_reference":
-                row[name]["max_abs_err_vs_reference"] = float(np.max(np.abs(outs[name] - want)))
+                err = np.abs(outs[name].astype(np.float32) - want.astype(np.float32))
+                row[name]["max_abs_err_vs_reference"] = float(np.max(err))
         rows.append(row)
 
     peaks.append(gemm_peak())
@@ -221,7 +227,7 @@ def main() -> None:
     result = {"cpu": cpu, "gemm_peak_gflops": peak, "gemm_peak_before_after": peaks,
               "shape": dict(
         heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, page_size=PAGE, chunk_rows=CHUNK,
-        dtype="float32"), "baseline_revision": args.baseline, "repeats": args.repeats,
+        dtype=args.dtype), "baseline_revision": args.baseline, "repeats": args.repeats,
         "threads": "XLA's intra-op pool (all cpus)", "results": rows,
         "notes": list(dict.fromkeys(notes))}
     if args.json_out:
