@@ -3,6 +3,12 @@
 `Engine.step()` runs one scheduler step through the runner (the device side: params, cache,
 executables) and returns a `RequestOutput` snapshot for every request that got a token
 (`finished` set on the last one).
+
+Faults stay with their request: when processing one request raises (its detokenization, stop
+checks, output), that request alone is finished with `finish_reason="error"` and the message in
+`RequestOutput.error`, its pages are freed, and the others go on. When the step itself fails
+(the runner raises), the requests of that step are finished the same way. `step()` does not
+raise for either; the engine stays usable and nothing is left registered.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import time
 
 import numpy as np
@@ -25,9 +32,22 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import to_host
 from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
 from jaxserve.step import StepOutput
+from jaxserve.validation import (check_number, check_request_id, check_token_ids, is_integer,
+                                 show)
+
+log = logging.getLogger(__name__)
 
 # Steps the engine remembers for benchmarks (a long-running engine must not grow without bound).
 STEP_LOG_LEN = 100_000
+# Finished request ids remembered so that `abort` of one is a quiet no-op, not an unknown id.
+FINISHED_IDS_REMEMBERED = 100_000
+
+
+class UnknownRequestError(KeyError, ValueError):
+    """`abort` of a request id the engine never had (or finished long ago)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +74,8 @@ class Engine:
                  tokenizer=None, *, strict_compiles: bool = False,
                  step_log_len: int = STEP_LOG_LEN):
         cfg = engine_cfg.resolve(model_cfg)
+        if not is_integer(cfg.seed) or cfg.seed < 0:  # checked before anything compiles
+            raise ValueError(f"seed={cfg.seed!r} must be an integer >= 0 (the engine's seed)")
         self.model_cfg, self.cfg, self.tokenizer = model_cfg, cfg, tokenizer
         self.runner = Runner(model_cfg, params, cfg)
         self.num_top = self.runner.num_top
@@ -64,6 +86,8 @@ class Engine:
         self._arrivals = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self._inflight: _InFlight | None = None
+        self._finished_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._errors: list[RequestOutput] = []  # finished with "error", for the next step()
         # The most recent steps, for benchmarks (bounded: an engine may serve for days).
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=step_log_len)
         # Counts (and in tests forbids) compiles while serving; warm-up is outside it.
@@ -78,11 +102,25 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
-                    *, prompt: str | None = None, arrival_time: float | None = None) -> None:
-        params = params or SamplingParams()
+    def add_request(self, request_id: str, prompt_token_ids,
+                    params: SamplingParams | dict | None = None, *, prompt: str | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Registers a request, or raises ValueError naming the bad value and registers nothing.
+
+        `prompt_token_ids`: a list, tuple or 1-D integer numpy array. `params`: SamplingParams,
+        a dict of its fields, or None (the defaults). A request id may be reused once the
+        request with that id has finished.
+        """
+        request_id = check_request_id(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already running")
+        params = SamplingParams.coerce(params)
         ids = self._validate_prompt(request_id, prompt_token_ids)
-        self._validate_params(params)
+        self._validate_params(request_id, params)
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"prompt={show(prompt)} must be a string or None")
+        if arrival_time is not None:
+            arrival_time = check_number("arrival_time", arrival_time)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         detok = None
         if self.tokenizer is not None:
@@ -95,12 +133,20 @@ class Engine:
         seq = Sequence(request_id=request_id, prompt_ids=ids, arrival_index=next(self._arrivals),
                        payload=req)
         self._requests[request_id] = seq
-        self.scheduler.add(seq)
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            del self._requests[request_id]  # all or nothing
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            raise
+        self._finished_ids.pop(request_id, None)
 
     def _validate_prompt(self, request_id: str, prompt_token_ids) -> list[int]:
-        if request_id in self._requests:
-            raise ValueError(f"request_id={request_id!r} is already running")
-        ids = [int(t) for t in prompt_token_ids]
+        try:
+            ids = check_token_ids("prompt_token_ids", prompt_token_ids)
+        except ValueError as e:
+            raise ValueError(f"request {request_id!r}: {e}") from None
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
@@ -113,23 +159,76 @@ class Engine:
                 f"within max_model_len={self.cfg.max_model_len}")
         return ids
 
-    def _validate_params(self, params: SamplingParams) -> None:
+    def _validate_params(self, request_id: str, params: SamplingParams) -> None:
+        # The step computes at least one top logprob, but the limit is the configured one.
+        limit = min(self.cfg.max_logprobs, self.num_top)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > self.num_top:
-                raise ValueError(f"{name}={value} exceeds the engine's max_logprobs="
-                                 f"{self.num_top}")
+            if value is not None and value > limit:
+                raise ValueError(f"request {request_id!r}: {name}={value} exceeds the engine's "
+                                 f"max_logprobs={limit}")
         if params.stop and self.tokenizer is None:
-            raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none")
+            raise ValueError(f"request {request_id!r}: stop={params.stop!r} needs a tokenizer; "
+                             f"this model has none")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
-    def abort(self, request_id: str) -> None:
-        seq = self._requests.pop(request_id)
+    def abort(self, request_id: str) -> bool:
+        """Stops a request (it gives no further output). True if it was running; False (a no-op)
+        if it has already finished, as in vLLM, where an abort may race the last token; an id
+        the engine never had raises `UnknownRequestError` (a KeyError and a ValueError)."""
+        seq = self._requests.get(request_id) if isinstance(request_id, str) else None
+        if seq is None:
+            if isinstance(request_id, str) and request_id in self._finished_ids:
+                return False
+            raise UnknownRequestError(
+                f"abort: no request with request_id={show(request_id)} (never added, or "
+                f"finished more than {FINISHED_IDS_REMEMBERED} requests ago)")
         seq.payload.finish_reason = "abort"  # an in-flight step's token for it is dropped
+        self._retire(seq)
+        return True
+
+    def _retire(self, seq: Sequence) -> None:
+        """Unregisters a finished request and gives its pages back."""
         if seq.status != SeqStatus.FINISHED:
             self.scheduler.finish(seq)
+        del self._requests[seq.request_id]
+        self._finished_ids[seq.request_id] = None
+        if len(self._finished_ids) > FINISHED_IDS_REMEMBERED:
+            self._finished_ids.popitem(last=False)
+
+    def _is_live(self, seq: Sequence) -> bool:
+        return self._requests.get(seq.request_id) is seq
+
+    def _fail(self, seq: Sequence, error: BaseException | str) -> None:
+        """Finishes a live request with finish_reason="error"; its output goes out with the
+        next step's results."""
+        if not self._is_live(seq):
+            return
+        msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, str):
+            log.error("request %r failed: %s", seq.request_id, msg, exc_info=error)
+        req: Request = seq.payload
+        req.finish_reason = "error"
+        req.metrics.finished_time = time.perf_counter()
+        self._retire(seq)
+        known = list(itertools.takewhile(lambda t: t != PENDING, seq.output_ids))
+        # Built here, not by Request.output: that may be what failed.
+        self._errors.append(RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_ids),
+            text=req.text if isinstance(req.text, str) else "", token_ids=known,
+            finish_reason="error", logprobs=None, prompt_logprobs=None,
+            metrics=dataclasses.replace(req.metrics, token_times=list(req.metrics.token_times)),
+            finished=True, error=msg))
+
+    def _fail_all(self, error: BaseException | str) -> None:
+        """The scheduler's state cannot be trusted: every live request fails, and a fresh
+        scheduler (all pages free) takes over."""
+        for seq in list(self._requests.values()):
+            self._fail(seq, error)
+        self.scheduler = Scheduler(self.cfg)
+        self._inflight = None
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -140,15 +239,30 @@ class Engine:
         tokens step N samples reach step N+1 on the device (`prev_index`), never via the host.
         """
         with self._counter:
-            launched = self._launch()
-            results = self._collect(self._inflight) if self._inflight else []
+            try:
+                sched = self.scheduler.schedule()
+            except Exception as e:  # noqa: BLE001 - an internal fault: contain it
+                self._fail_all(e)
+                return self._take_errors()
+            try:
+                launched = self._launch(sched)
+            except Exception as e:  # noqa: BLE001 - the step failed: so did its requests
+                launched = None
+                for seq in [c.seq for c in sched.chunks] + sched.decodes:
+                    self._fail(seq, e)
+            inflight, self._inflight = self._inflight, None
+            results = self._collect(inflight) if inflight else []
         self._inflight = launched
-        if launched is None and not results and self.scheduler.has_unfinished():
-            raise RuntimeError("scheduler made no progress with requests pending")
-        return results
+        if (launched is None and inflight is None and not self._errors
+                and self.scheduler.has_unfinished()):
+            self._fail_all("the scheduler made no progress with requests pending")
+        return results + self._take_errors()
 
-    def _launch(self) -> _InFlight | None:
-        sched = self.scheduler.schedule()
+    def _take_errors(self) -> list[RequestOutput]:
+        errors, self._errors = self._errors, []
+        return errors
+
+    def _launch(self, sched) -> _InFlight | None:
         self._stats["preemptions"] += len(sched.preempted)
         for seq in sched.preempted:
             seq.payload.metrics.num_preemptions += 1
@@ -192,62 +306,82 @@ class Engine:
 
     def _collect(self, inflight: _InFlight) -> list[RequestOutput]:
         out, plan = inflight.out, inflight.plan
-        tokens = to_host(out.sample.tokens)  # the one transfer every step makes
-        t = time.perf_counter()
-        self.step_log.append(dataclasses.replace(inflight.record, tokens_back_s=t))
-        if plan.chunk_rows:
-            self._record_prompt_logprobs(out, plan)
-        if any(s.seq.payload.logprobs is not None for s in plan.sampled):
-            lp, top_ids, top_lp = (to_host(a) for a in (
-                out.sample.logprobs, out.sample.top_ids, out.sample.top_logprobs))
+        try:
+            tokens = to_host(out.sample.tokens)  # the one transfer every step makes
+            t = time.perf_counter()
+            self.step_log.append(dataclasses.replace(inflight.record, tokens_back_s=t))
+            if plan.chunk_rows:
+                self._record_prompt_logprobs(out, plan)
+            top = None
+            if any(s.seq.payload.logprobs is not None for s in plan.sampled):
+                top = tuple(to_host(a) for a in (
+                    out.sample.logprobs, out.sample.top_ids, out.sample.top_logprobs))
+        except Exception as e:  # noqa: BLE001 - the step's results are lost: so are its requests
+            for seq in [s.seq for s in plan.sampled] + [r.seq for r in plan.chunk_rows]:
+                self._fail(seq, e)
+            return []
         results = []
         for s in plan.sampled:
-            seq, req = s.seq, s.seq.payload
-            if req.finish_reason is not None:
+            if not self._is_live(s.seq):
                 continue  # finished by an earlier token while this step was in flight
-            token = int(tokens[s.index])
-            seq.output_ids[s.out_index] = token
-            m = req.metrics
-            m.token_times.append(t)
-            if m.first_token_time is None:
-                m.first_token_time = t
-            if req.logprobs is not None:
-                k = req.params.logprobs
-                entry = {int(i): float(v) for i, v in zip(top_ids[s.index, :k],
-                                                           top_lp[s.index, :k])}
-                entry[token] = float(lp[s.index])
-                req.logprobs.append(entry)
-            n_out = s.out_index + 1
-            reason = req.append_token(token, n_out, len(seq.prompt_ids) + n_out,
-                                      self.cfg.max_model_len)
-            if reason is not None:
-                req.finish_reason = reason
-                m.finished_time = t
-                if seq.status != SeqStatus.FINISHED:
-                    self.scheduler.finish(seq)
-                del seq.output_ids[n_out:]  # drop a token sampled after the stop
-                del self._requests[seq.request_id]
-            results.append(req.output(seq.output_ids[:n_out], finished=reason is not None))
+            try:
+                results.append(self._take_token(s, tokens, top, t))
+            except Exception as e:  # noqa: BLE001 - this request's fault, not the others'
+                self._fail(s.seq, e)
         return results
+
+    def _take_token(self, s, tokens: np.ndarray, top, t: float) -> RequestOutput:
+        """Step `s`'s sampled token into its request; the snapshot to hand out."""
+        seq, req = s.seq, s.seq.payload
+        token = int(tokens[s.index])
+        seq.output_ids[s.out_index] = token
+        m = req.metrics
+        m.token_times.append(t)
+        if m.first_token_time is None:
+            m.first_token_time = t
+        if req.logprobs is not None:
+            lp, top_ids, top_lp = top
+            k = req.params.logprobs
+            entry = {int(i): float(v) for i, v in zip(top_ids[s.index, :k],
+                                                       top_lp[s.index, :k])}
+            entry[token] = float(lp[s.index])
+            req.logprobs.append(entry)
+        n_out = s.out_index + 1
+        reason = req.append_token(token, n_out, len(seq.prompt_ids) + n_out,
+                                  self.cfg.max_model_len)
+        if reason is not None:
+            req.finish_reason = reason
+            m.finished_time = t
+            del seq.output_ids[n_out:]  # drop a token sampled after the stop
+        snapshot = req.output(seq.output_ids[:n_out], finished=reason is not None)
+        if reason is not None:
+            self._retire(seq)  # only once its last output exists
+        return snapshot
 
     def _record_prompt_logprobs(self, out: StepOutput, plan: SlotPlan) -> None:
         lp = to_host(out.prompt_logprobs)
         top_ids = to_host(out.prompt_top_ids)
         top_lp = to_host(out.prompt_top_logprobs)
         for rows in plan.chunk_rows:
-            seq, row0, start, length = rows.seq, rows.first_row, rows.first_position, rows.length
-            req: Request = seq.payload
-            k = req.params.prompt_logprobs
-            n_prompt = len(seq.prompt_ids)
-            # Row r predicts position start + r + 1; a recomputed chunk (after preemption)
-            # finds its entries filled and leaves them.
-            for r in range(row0, row0 + length):
-                target_pos = start + (r - row0) + 1
-                if target_pos >= n_prompt or req.prompt_logprobs[target_pos] is not None:
-                    continue
-                entry = {int(i): float(v) for i, v in zip(top_ids[r, :k], top_lp[r, :k])}
-                entry[seq.prompt_ids[target_pos]] = float(lp[r])
-                req.prompt_logprobs[target_pos] = entry
+            try:
+                self._record_chunk_prompt_logprobs(rows, lp, top_ids, top_lp)
+            except Exception as e:  # noqa: BLE001 - this request's fault, not the others'
+                self._fail(rows.seq, e)
+
+    def _record_chunk_prompt_logprobs(self, rows, lp, top_ids, top_lp) -> None:
+        seq, row0, start, length = rows.seq, rows.first_row, rows.first_position, rows.length
+        req: Request = seq.payload
+        k = req.params.prompt_logprobs
+        n_prompt = len(seq.prompt_ids)
+        # Row r predicts position start + r + 1; a recomputed chunk (after preemption)
+        # finds its entries filled and leaves them.
+        for r in range(row0, row0 + length):
+            target_pos = start + (r - row0) + 1
+            if target_pos >= n_prompt or req.prompt_logprobs[target_pos] is not None:
+                continue
+            entry = {int(i): float(v) for i, v in zip(top_ids[r, :k], top_lp[r, :k])}
+            entry[seq.prompt_ids[target_pos]] = float(lp[r])
+            req.prompt_logprobs[target_pos] = entry
 
     # -- metrics -----------------------------------------------------------------------------
 

@@ -7,12 +7,14 @@ import itertools
 import os
 from typing import Sequence as Seq
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine import Engine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.validation import is_integer
 
 DEMO_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 
@@ -105,7 +107,7 @@ class LLM:
         texts, ids = self._inputs(prompts, prompt_token_ids)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
+        if isinstance(sampling_params, (SamplingParams, dict)):
             sampling_params = [sampling_params] * len(ids)
         if len(sampling_params) != len(ids):
             raise ValueError(f"{len(sampling_params)} sampling_params for {len(ids)} prompts")
@@ -131,6 +133,8 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt_token_ids")
             return list(prompts), [self.tokenizer.encode(p) for p in prompts]
-        if prompt_token_ids and isinstance(prompt_token_ids[0], int):
+        if isinstance(prompt_token_ids, np.ndarray) and prompt_token_ids.ndim != 2:
+            prompt_token_ids = [prompt_token_ids]  # one prompt (add_request checks the rest)
+        elif len(prompt_token_ids) and is_integer(prompt_token_ids[0]):
             prompt_token_ids = [prompt_token_ids]
-        return [None] * len(prompt_token_ids), [list(p) for p in prompt_token_ids]
+        return [None] * len(prompt_token_ids), list(prompt_token_ids)

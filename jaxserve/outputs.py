@@ -34,9 +34,12 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length"; None while still running
+    # "stop" | "length" | "abort" | "error" (processing it raised: `error` says why); None while
+    # still running.
+    finish_reason: str | None
     logprobs: list[dict[int, float]] | None  # per output token; the sampled token + top-k
     # vLLM's layout: one entry per prompt token, None for the first (it has no prefix).
     prompt_logprobs: list[dict[int, float] | None] | None
     metrics: RequestMetrics
     finished: bool = False
+    error: str | None = None  # with finish_reason="error": what went wrong

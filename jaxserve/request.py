@@ -56,7 +56,8 @@ class Request:
             self.text += self.detokenizer.flush()  # an unfinished character shows as U+FFFD
         return reason
 
-    def output(self, token_ids: list[int], finished: bool) -> RequestOutput:
+    def output(self, token_ids: list[int], finished: bool, error: str | None = None
+               ) -> RequestOutput:
         """A snapshot: nothing in it changes when the engine runs on (the lists are copies; the
         logprob dicts are never modified once made)."""
         copy = lambda xs: None if xs is None else list(xs)  # noqa: E731
@@ -65,7 +66,8 @@ class Request:
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=list(self.prompt_ids), text=self.text, token_ids=list(token_ids),
             finish_reason=self.finish_reason, logprobs=copy(self.logprobs),
-            prompt_logprobs=copy(self.prompt_logprobs), metrics=metrics, finished=finished)
+            prompt_logprobs=copy(self.prompt_logprobs), metrics=metrics, finished=finished,
+            error=error)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+
+from jaxserve.validation import (check_bool, check_int, check_number, check_optional_int,
+                                 check_strings, check_token_ids, show)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """Every field is checked (type and range) at construction; a message names the field and
+    its value. Numbers may be Python or numpy numbers, never bools; sequences are normalised to
+    tuples (`stop="x"` becomes `("x",)`)."""
+
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -21,35 +27,54 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top logprobs per prompt token (its own always)
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif self.stop is not None:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if self.stop_token_ids is not None:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r} must be >= 0")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        put("max_tokens", check_int("max_tokens", self.max_tokens, low=1))
+        temperature = check_number("temperature", self.temperature, " >= 0 (0 = greedy)")
+        if temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        put("temperature", temperature)
+        put("top_k", check_int("top_k", self.top_k, low=0, what=" >= 0 (0 = off)"))
+        top_p = check_number("top_p", self.top_p, " in (0, 1]")
+        if not 0 < top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if not 0 <= self.min_p <= 1:
+        put("top_p", top_p)
+        min_p = check_number("min_p", self.min_p, " in [0, 1]")
+        if not 0 <= min_p <= 1:
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
-            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
+        put("min_p", min_p)
+        put("seed", check_optional_int("seed", self.seed, low=0, high=2**32 - 1,
+                                       what=" in [0, 2**32) or None (drawn)"))
+        put("stop", check_strings("stop", self.stop))
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)):
+                raise ValueError(f"stop_token_ids={show(self.stop_token_ids)} must be a list "
+                                 f"of token ids")
+            ids = check_token_ids("stop_token_ids", self.stop_token_ids)
+            bad = [t for t in ids if t < 0]
+            if bad:
+                raise ValueError(f"stop_token_ids: token id {bad[0]} is negative")
+            put("stop_token_ids", tuple(ids))
+        put("ignore_eos", check_bool("ignore_eos", self.ignore_eos))
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name}={value!r} must be None or an integer >= 0")
-        if self.stop and any(not s for s in self.stop):
-            raise ValueError(f"stop={self.stop!r} must not contain an empty string")
+            put(name, check_optional_int(name, getattr(self, name), low=0,
+                                         what=" >= 0 or None"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling params must be a SamplingParams or a dict of its "
+                             f"fields, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
+        unknown = sorted(set(d) - fields, key=str)
         if unknown:
             raise ValueError(f"unknown sampling field(s) {unknown}; known: {sorted(fields)}")
         return cls(**d)
+
+    @classmethod
+    def coerce(cls, params) -> "SamplingParams":
+        """None -> the defaults; a dict of fields -> SamplingParams; anything else is refused."""
+        if params is None:
+            return cls()
+        if isinstance(params, cls):
+            return params
+        return cls.from_dict(params)

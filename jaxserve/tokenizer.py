@@ -135,6 +135,10 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+def _leading(text: str) -> int:
+    return len(text) - len(text.lstrip(_REPLACEMENT))
+
+
 class IncrementalDetokenizer:
     """Turns a stream of generated token ids into text, one `add` at a time.
 
@@ -190,7 +194,7 @@ class IncrementalDetokenizer:
         new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""
-        return self._emit(new_text[len(prefix_text):])
+        return self._emit(self._own(new_text[len(prefix_text):]))
 
     def flush(self) -> str:
         """At the end of a stream: the held-back text (an unfinished character shows as U+FFFD)."""
@@ -199,7 +203,18 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         if self._read == self._num_prompt:
             prefix_text = prefix_text.rstrip(_REPLACEMENT)
-        return self._emit(self._decode(self._ids[self._prefix:])[len(prefix_text):])
+        return self._emit(self._own(self._decode(self._ids[self._prefix:])[len(prefix_text):]))
+
+    def _own(self, delta: str) -> str:
+        """The first text after a prompt that ends mid-character: a U+FFFD there stands for the
+        prompt's unfinished bytes when the output did not complete them. Those are the prompt's,
+        not the output's: the output's text never holds a U+FFFD that decoding the output ids
+        alone would not."""
+        if self._read != self._num_prompt or not delta.startswith(_REPLACEMENT):
+            return delta
+        alone = self._decode(self._ids[self._num_prompt:])
+        extra = _leading(delta) - _leading(alone)
+        return delta[extra:] if extra > 0 else delta
 
     def _emit(self, delta: str) -> str:
         self._prefix, self._read = self._read, len(self._ids)

@@ -193,3 +193,19 @@ def test_incremental_ignores_ids_in_a_padded_model_vocab(tokenizer):
     ids = tokenizer.encode("hello world", add_bos=False)
     detok, _ = _stream(tokenizer, ids[:1] + [tokenizer.vocab_size + 7] + ids[1:])
     assert detok.text + detok.flush() == "hello world"
+
+
+def test_prompt_unfinished_character_is_not_the_outputs(tokenizer):
+    # A prompt ending in part of a character that the output does not complete: the output's
+    # text holds no U+FFFD that decoding the output ids alone would not (issue 11).
+    ids = tokenizer.encode("日本語🎉 ab", add_bos=False)
+    rng = random.Random(1)
+    for _ in range(1500):
+        cut = rng.randrange(1, len(ids) + 1)
+        if rng.random() < 0.5:
+            out = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 6))]
+        else:
+            out = ids[cut:] + [rng.randrange(tokenizer.vocab_size)]
+        detok, chunks = _stream(tokenizer, out, ids[:cut])
+        text = detok.text + detok.flush()
+        assert text.count("\ufffd") <= tokenizer.decode(out).count("\ufffd"), (ids[:cut], out)
