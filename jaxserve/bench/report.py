@@ -26,7 +26,7 @@ import dataclasses
 import math
 
 from jaxserve.bench.runner import RunResult
-from jaxserve.metrics import format_columns, format_table, summarize
+from jaxserve.metrics import distribution, format_columns, format_table, summarize
 
 
 def latency_json(outputs: list, wall_s: float, t0: float = 0.0) -> dict:
@@ -53,6 +53,33 @@ def latency_json(outputs: list, wall_s: float, t0: float = 0.0) -> dict:
         "e2e_ms": s["e2e_ms"], "requests": requests}
 
 
+def group_of(request_id: str) -> str:
+    """A request's group: its id up to the last '-' ("stream-3" -> "stream", "long-0" ->
+    "long"); the interference workload's two kinds of request."""
+    return request_id.rsplit("-", 1)[0] if "-" in request_id else request_id
+
+
+def groups_json(requests: list[dict], wall_s: float) -> dict:
+    """Per group of requests (see `group_of`): TTFT and ITL distributions and output tokens/s,
+    from the requests' recorded times. Empty unless there are at least two groups (the
+    interference workload: the decode streams and the long prompts)."""
+    groups: dict[str, list[dict]] = {}
+    for r in requests:
+        groups.setdefault(group_of(r["id"]), []).append(r)
+    if len(groups) < 2:
+        return {}
+    out = {}
+    for name, rs in groups.items():
+        itls = [b - a for r in rs for a, b in zip(r["token_times_s"], r["token_times_s"][1:])]
+        out[name] = {"requests": len(rs),
+                     "ttft_ms": distribution([r["first_token_s"] - r["arrival_s"] for r in rs]),
+                     "itl_ms": distribution(itls),
+                     "output_tokens": sum(r["output_len"] for r in rs),
+                     "output_throughput_tok_s": sum(r["output_len"] for r in rs) / wall_s
+                     if wall_s else 0.0}
+    return out
+
+
 def run_json(mode: str, engine_cfg, result: RunResult, roofline: dict,
              goodput: dict | None) -> dict:
     lat = latency_json(result.ordered_outputs(), result.wall_s, result.t0)
@@ -70,6 +97,7 @@ def run_json(mode: str, engine_cfg, result: RunResult, roofline: dict,
                    "scheduled_tokens": x.scheduled_tokens, "sampled": x.sampled}
                   for x in result.steps],
         "stats": {k: v for k, v in st.items() if isinstance(v, (int, float, str))},
+        "groups": groups_json(requests, result.wall_s),
         "requests": requests,
     }
 
@@ -193,6 +221,32 @@ def vllm_table(runs: list[dict], peer: dict) -> str:
     title = (f" Peer: vLLM {peer['vllm_version']} ({prefill}, prefix cache off); "
              "ratio = jaxserve / vLLM ")
     return format_columns(header, rows, title)
+
+
+_GROUP_ROWS = [("mean TTFT (ms)", lambda g: g["ttft_ms"]["mean"]),
+               ("median ITL (ms)", lambda g: g["itl_ms"]["median"]),
+               ("P99 ITL (ms)", lambda g: g["itl_ms"]["p99"]),
+               ("output tok/s", lambda g: g["output_throughput_tok_s"])]
+
+
+def groups_table(runs: list[dict], peer_run: dict | None = None) -> str | None:
+    """Per request group (interference: streams, long prompts), each run side by side, and
+    with a peer a ratio column (first run / peer)."""
+    cols = runs + ([peer_run] if peer_run else [])
+    if not all(c.get("groups") for c in cols):
+        return None
+    rows = []
+    for name in cols[0]["groups"]:
+        for label, get in _GROUP_ROWS:
+            vals = [get(c["groups"][name]) if name in c["groups"] else float("nan")
+                    for c in cols]
+            row = [f"{name}: {label}", *(_f(v, 1) for v in vals)]
+            if peer_run:
+                row.append(_f(vals[0] / vals[-1] if vals[-1] else float("nan"), 3))
+            rows.append(row)
+    header = ["", *(f"jaxserve {r['mode']}" for r in runs)] + (
+        ["vLLM", "ratio"] if peer_run else [])
+    return format_columns(header, rows, " Per request group ")
 
 
 def machine_table(m: dict) -> str:

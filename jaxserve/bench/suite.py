@@ -289,7 +289,7 @@ def vllm_peer_report(opts, vllm: dict, result: dict, reqs, runs: list[dict],
     if opts.slo_ttft_ms is not None or opts.slo_tpot_ms is not None:
         good = goodput(outputs, result["wall_s"], opts.slo_ttft_ms, opts.slo_tpot_ms)
     run.update(mode="vllm", engine_args=result["engine_args"], goodput=good,
-               steps=result["steps"])
+               steps=result["steps"], groups=rep.groups_json(run["requests"], result["wall_s"]))
     peer = {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
             "torch_version": result.get("torch_version"),
             "startup_s": result.get("startup_s"), "env": result.get("env", {}),

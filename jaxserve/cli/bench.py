@@ -120,12 +120,19 @@ def print_report(out: dict) -> None:
         print(rep.serve_table(run))
     if "comparison" in out:
         print(rep.compare_table(*out["runs"]))
+    if not (out.get("peer") or {}).get("run"):
+        groups = rep.groups_table(out["runs"])
+        if groups:
+            print(groups)
     peer = out.get("peer")
     if peer and "skipped" in peer:
         print(f"peer skipped: {peer['skipped']}")
     elif peer and peer["name"] == "vllm":
         print(rep.serve_table(peer["run"]))
         print(rep.vllm_table(out["runs"], peer))
+        groups = rep.groups_table(out["runs"], peer["run"])
+        if groups:
+            print(groups)
         for line in vllm_notes(peer):
             print(line)
     elif peer:
