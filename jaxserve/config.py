@@ -92,12 +92,27 @@ class ModelConfig:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json in model folder {str(path)!r}")
-        with open(config_path) as f:
-            hf = json.load(f)
+        hf = _read_json(config_path)
+        if not isinstance(hf, dict):
+            raise ValueError(f"{config_path!r} holds a JSON {type(hf).__name__}, not an object")
         extra = _read_generation_ids(path)
         if extra:
             hf = {**hf, **extra}
-        return _parse_hf_config(hf)
+        try:
+            return _parse_hf_config(hf)
+        except KeyError as e:
+            raise ValueError(f"{config_path!r} lacks the field {e.args[0]!r}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{config_path!r}: {e}") from None
+
+
+def _read_json(path: str):
+    """A JSON file's content; a ValueError names the file when it is not JSON (or not UTF-8)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} is not valid JSON: {e}") from None
 
 
 def _read_generation_ids(path) -> dict[str, Any]:
@@ -105,8 +120,9 @@ def _read_generation_ids(path) -> dict[str, Any]:
     gen_path = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen_path):
         return {}
-    with open(gen_path) as f:
-        gen = json.load(f)
+    gen = _read_json(gen_path)
+    if not isinstance(gen, dict):
+        raise ValueError(f"{gen_path!r} holds a JSON {type(gen).__name__}, not an object")
     return {k: gen[k] for k in ("bos_token_id", "eos_token_id") if gen.get(k) is not None}
 
 

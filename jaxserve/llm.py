@@ -28,9 +28,11 @@ def engine_config(**options) -> EngineConfig:
     return EngineConfig(**options)
 
 
-def load_params(path: str, checkpoint: str | None, cfg: EngineConfig):
+def load_params(path: str, checkpoint: str | None, cfg: EngineConfig, *,
+                allow_nonfinite_weights: bool = False):
     """(model config, params) from a Hugging Face folder: with a mesh, every tensor goes straight
-    into its shards; with `checkpoint`, params are restored from orbax instead of safetensors."""
+    into its shards; with `checkpoint`, params are restored from orbax instead of safetensors.
+    Weights holding NaN or Inf are refused unless `allow_nonfinite_weights`."""
     from jaxserve.models.functional import abstract_params
     from jaxserve.sharding import make_placement
     from jaxserve.weights import load_model, restore_checkpoint
@@ -42,7 +44,8 @@ def load_params(path: str, checkpoint: str | None, cfg: EngineConfig):
                                    abstract_params(model_cfg, cfg.dtype)).params
     if checkpoint:
         return model_cfg, restore_checkpoint(checkpoint, model_cfg, cfg.dtype, shardings)
-    return load_model(path, dtype=cfg.dtype, shardings=shardings)
+    return load_model(path, dtype=cfg.dtype, shardings=shardings,
+                      allow_nonfinite=allow_nonfinite_weights)
 
 
 def run_to_completion(engine: Engine, total: int, *, progress: bool = True, **tqdm_kwargs
@@ -63,7 +66,8 @@ class LLM:
     """Offline generation and scoring. `LLM()` loads the built-in demo model."""
 
     def __init__(self, model: str | None = None, *, checkpoint: str | None = None,
-                 strict_compiles: bool = False, **engine_options):
+                 strict_compiles: bool = False, allow_nonfinite_weights: bool = False,
+                 **engine_options):
         """`model`: a Hugging Face folder (None: the demo model). `checkpoint`: an orbax
         checkpoint of converted params (`jaxserve.cli.convert`) to restore instead of reading
         the safetensors, which is how a pod restarts fast; the config still comes from `model`.
@@ -72,7 +76,8 @@ class LLM:
 
         path = model or DEMO_MODEL_PATH
         cfg = engine_config(**engine_options)
-        model_cfg, params = load_params(path, checkpoint, cfg)
+        model_cfg, params = load_params(path, checkpoint, cfg,
+                                        allow_nonfinite_weights=allow_nonfinite_weights)
         tokenizer = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             tokenizer = Tokenizer.from_pretrained(path)

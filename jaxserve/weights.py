@@ -8,6 +8,7 @@ shape, and nothing unexpected may be left over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.functional import abstract_params, to_jnp_dtype
@@ -38,9 +39,13 @@ def tensor_name(path: tuple) -> str:
 def _shard_files(path: str) -> list[str]:
     index_path = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not weight_map:
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index_path!r} is not valid JSON: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not weight_map or not isinstance(weight_map, dict):
             raise ValueError(f"{index_path!r} has no weight_map")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         for file in files:
@@ -58,7 +63,7 @@ def _tensor_locations(files: list[str]) -> dict[str, str]:
     """Tensor name -> the file that holds it, across all shards."""
     where: dict[str, str] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _open(file) as f:
             for name in f.keys():
                 if name in where:
                     raise ValueError(f"tensor {name!r} is in both {where[name]!r} and {file!r}")
@@ -66,11 +71,44 @@ def _tensor_locations(files: list[str]) -> dict[str, str]:
     return where
 
 
-def load_model(path: str | os.PathLike, dtype="float32", shardings: Any = None
-               ) -> tuple[ModelConfig, nnx.State]:
+@contextlib.contextmanager
+def _open(file: str):
+    """`safe_open`, with the file's path in any error (a corrupt or truncated file)."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            yield _Named(f, file)
+    except SafetensorError as e:
+        raise ValueError(f"{file!r} is not a readable safetensors file (corrupt or truncated?): "
+                         f"{e}") from None
+
+
+class _Named:
+    """A safetensors handle whose read errors name the file."""
+
+    def __init__(self, handle, file: str):
+        self._f, self._file = handle, file
+
+    def keys(self):
+        return self._f.keys()
+
+    def get_slice(self, name: str):
+        return self._f.get_slice(name)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        try:
+            return self._f.get_tensor(name)
+        except (SafetensorError, ValueError, OSError) as e:
+            raise ValueError(f"tensor {name!r} in {self._file!r} cannot be read (corrupt or "
+                             f"truncated file?): {e}") from None
+
+
+def load_model(path: str | os.PathLike, dtype="float32", shardings: Any = None, *,
+               allow_nonfinite: bool = False) -> tuple[ModelConfig, nnx.State]:
     """Reads a Hugging Face model folder (config.json + safetensors, single or sharded).
 
-    Tensors stored as float32, bfloat16 or float16 are converted to `dtype` on the host.
+    Tensors stored as float32, bfloat16 or float16 are converted to `dtype` on the host. A
+    tensor holding NaN or Inf (after the conversion) is an error naming it, unless
+    `allow_nonfinite` (for debugging a broken checkpoint).
     `shardings` (a pytree of shardings with the params' structure, e.g. a
     `sharding.Placement.params`): each tensor goes straight from the host to its shards, so no
     device ever holds a whole copy of the model.
@@ -98,14 +136,16 @@ def load_model(path: str | os.PathLike, dtype="float32", shardings: Any = None
     for name in expected:
         by_file.setdefault(where[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _open(file) as f:
             for name in names:
                 found = tuple(f.get_slice(name).get_shape())
                 if found != tuple(expected[name]):
                     raise ValueError(
-                        f"tensor {name!r} has shape {found} in the checkpoint, expected "
+                        f"tensor {name!r} has shape {found} in {file!r}, expected "
                         f"{tuple(expected[name])} from config.json")
                 arrays[name] = _convert(name, f.get_tensor(name), target)
+                if not allow_nonfinite:
+                    _check_finite(name, file, arrays[name])
 
     if shardings is None:
         return cfg, nnx.map_state(
@@ -127,6 +167,16 @@ def _convert(name: str, array: np.ndarray, target: np.dtype) -> np.ndarray:
     if array.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"tensor {name!r} has unsupported dtype {array.dtype} on disk")
     return array.astype(target, copy=False)
+
+
+def _check_finite(name: str, file: str, array: np.ndarray) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array.size - int(np.count_nonzero(finite))
+        raise ValueError(
+            f"tensor {name!r} in {file!r} holds {bad} non-finite value(s) (NaN or Inf) after "
+            f"conversion to {array.dtype}; the model would generate garbage (load_model("
+            f"allow_nonfinite=True) / --allow_nonfinite_weights loads it anyway, for debugging)")
 
 
 def save_safetensors(path: str | os.PathLike, params: nnx.State) -> str:

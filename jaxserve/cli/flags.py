@@ -64,12 +64,40 @@ def engine_options(fv: flags.FlagValues) -> dict:
     return {f.name: fv[f.name].value for f in dataclasses.fields(EngineConfig)}
 
 
+# The flag that sets each SamplingParams field (where the names differ).
+_SAMPLING_FLAG = {"seed": "sampling_seed"}
+
+
 def sampling_defaults(fv: flags.FlagValues) -> dict:
-    return {
+    """The sampling flags as SamplingParams fields, each checked: a ValueError names the flag
+    and its value (`--temperature=-1`, `--stop=` and `--stop_token_ids=a,b` are refused)."""
+    ids = []
+    for t in fv.stop_token_ids:
+        try:
+            ids.append(int(t))
+        except ValueError:
+            raise ValueError(f"--stop_token_ids: {t!r} is not a token id (an integer)") from None
+    d = {
         "max_tokens": fv.max_tokens, "temperature": fv.temperature, "top_k": fv.top_k,
         "top_p": fv.top_p, "min_p": fv.min_p, "seed": fv.sampling_seed,
-        "stop": tuple(fv.stop) or None,
-        "stop_token_ids": tuple(int(t) for t in fv.stop_token_ids) or None,
+        "stop": tuple(fv.stop) or None, "stop_token_ids": tuple(ids) or None,
         "ignore_eos": fv.ignore_eos, "logprobs": fv.logprobs,
         "prompt_logprobs": fv.prompt_logprobs,
     }
+    for name, value in d.items():
+        try:
+            SamplingParams(**{name: value})
+        except ValueError as e:
+            raise ValueError(f"--{_SAMPLING_FLAG.get(name, name)}: {e}") from None
+    return d
+
+
+def checked_engine_config(fv: flags.FlagValues, model_cfg=None) -> EngineConfig:
+    """EngineConfig from the engine flags, checked (and, given the model's config, resolved
+    against it) before anything loads or compiles."""
+    cfg = EngineConfig(**engine_options(fv))
+    if model_cfg is not None:
+        cfg.resolve(model_cfg)
+    if cfg.seed < 0:
+        raise ValueError(f"--seed={cfg.seed} must be an integer >= 0")
+    return cfg

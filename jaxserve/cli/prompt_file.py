@@ -1,11 +1,17 @@
-"""Parsing a JSONL prompt file: every good line becomes a request, every bad one a message."""
+"""Parsing a JSONL prompt file: every good line becomes a request, every bad one a message.
+
+The file is read as bytes and each line decoded on its own, so one line of invalid UTF-8 is one
+bad line, not a failed run.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from jaxserve.jsonl import parse_object
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.validation import check_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,15 +22,36 @@ class PromptLine:
     params: SamplingParams
 
 
-def parse_prompt_lines(lines: list[str], sampling_defaults: dict, tokenizer
+def read_lines(path: str) -> list[bytes]:
+    """The file's lines as bytes (a FileNotFoundError or IsADirectoryError names the path)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--prompts={path!r}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--prompts={path!r} is a directory, not a JSONL file")
+    with open(path, "rb") as f:
+        return f.read().splitlines()
+
+
+def decode_line(raw: bytes | str) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                         ) from None
+
+
+def parse_prompt_lines(lines: list[str | bytes], sampling_defaults: dict, tokenizer
                        ) -> tuple[list[PromptLine], dict[int, str]]:
     """Returns the good lines and {line number: error} for the bad ones (blank lines skipped)."""
     good, errors = [], {}
     for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
         try:
-            good.append(_parse_line(number, raw, sampling_defaults, tokenizer))
+            text = decode_line(raw)
+            if not text.strip():
+                continue
+            good.append(_parse_line(number, text, sampling_defaults, tokenizer))
         except (ValueError, TypeError) as e:
             errors[number] = str(e)
     return good, errors
@@ -45,6 +72,6 @@ def _parse_line(number: int, raw: str, defaults: dict, tokenizer) -> PromptLine:
             raise ValueError('this model has no tokenizer: use "prompt_token_ids"')
         return PromptLine(number, prompt, tokenizer.encode(prompt), params)
     ids = obj["prompt_token_ids"]
-    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+    if not isinstance(ids, list):
         raise ValueError(f'"prompt_token_ids" must be a list of integers, got {ids!r}')
-    return PromptLine(number, None, ids, params)
+    return PromptLine(number, None, check_token_ids("prompt_token_ids", ids), params)
