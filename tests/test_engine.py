@@ -181,3 +181,23 @@ def test_grouped_decode_buckets_match_dense_reference():
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 5), len(prompt)
+
+
+def test_outputs_are_snapshots_and_the_step_log_is_bounded(llm):
+    from jaxserve.engine import STEP_LOG_LEN
+
+    eng = llm.engine
+    assert eng.step_log.maxlen == STEP_LOG_LEN  # a long-running engine keeps only the recent
+    eng.add_request("snap", [5, 6, 7, 8, 9], SamplingParams(
+        max_tokens=5, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1))
+    first = None
+    while eng.has_unfinished():
+        for out in eng.step():
+            if first is None:
+                first = out
+                frozen = (list(out.token_ids), list(out.logprobs), list(out.prompt_logprobs),
+                          list(out.metrics.token_times), list(out.prompt_token_ids))
+    # The engine ran on (four more tokens): the first snapshot did not change under the caller.
+    assert (first.token_ids, first.logprobs, first.prompt_logprobs, first.metrics.token_times,
+            first.prompt_token_ids) == frozen
+    assert len(first.token_ids) == 1 and len(out.token_ids) == 5

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# jaxserve and vLLM's CPU backend side by side on the issue's workloads, one after another.
+#
+#   bash benchmarks/vs_vllm.sh [BENCH_MODEL_DIR] [OUT_DIR]
+#
+# Needs vLLM in its own virtualenv (see BENCHMARKS.md, "Setup"); every run writes its JSON to
+# OUT_DIR (default benchmarks/results/vllm) and its printed tables next to it (.txt). Budget 512
+# prompt tokens per step (+16 decode slots), 16 sequences, float32, greedy, EOS ignored; vLLM's
+# prefix cache is off. Nothing else should run on the machine meanwhile.
+set -euo pipefail
+model=${1:-bench_model}
+out=${2:-benchmarks/results/vllm}
+mkdir -p "$out"
+[ -d "$model" ] || jaxserve-make-bench-model --out="$model"
+common=(--model="$model" --chunk_size=512 --max_decode_slots=16 --peer=vllm --progress=false)
+
+run() {  # name, then the workload's flags
+  local name=$1; shift
+  echo "== $name: jaxserve-bench ${common[*]} $*" | tee "$out/$name.txt"
+  jaxserve-bench "${common[@]}" "$@" --json_out="$out/$name.json" | tee -a "$out/$name.txt"
+}
+
+# Offline: 16 x 256-token prompts + 64 output tokens, all at once.
+run offline --workload=offline --num_prompts=16 --input_len=256 --output_len=64
+# Prefill only: the same prompts, one output token each.
+run prefill --workload=offline --num_prompts=16 --input_len=256 --output_len=1
+# One prompt alone: 512, 1,024, 1,536 and 2,000 tokens, 8 s apart, one output token each.
+python - "$out/alone_trace.jsonl" <<'PY'
+import json, sys
+import numpy as np
+rng = np.random.default_rng(0)
+with open(sys.argv[1], "w") as f:
+    for i, n in enumerate((512, 1024, 1536, 2000)):
+        f.write(json.dumps({"id": f"alone{n}", "arrival_s": 8.0 * i, "max_tokens": 1,
+                            "prompt_token_ids": rng.integers(0, 32000, n).tolist()}) + "\n")
+PY
+run alone --workload=trace --trace_file="$out/alone_trace.jsonl"
+rm "$out/alone_trace.jsonl"
+# Interference: 8 streams (48-80-token prompts, 64 tokens each) decoding while four 1,536-token
+# prompts arrive.
+run interference --workload=interference --num_streams=8 --stream_prompt_len=64 \
+  --range_ratio=0.25 --output_len=64 --num_long_prompts=4 --long_prompt_len=1536 \
+  --long_output_len=16
+# Online: Poisson arrivals at 1 request/s, prompts 128-384 tokens, 32-96 output tokens.
+run online --workload=online --num_prompts=32 --input_len=256 --output_len=64 \
+  --range_ratio=0.5 --request_rate=1
