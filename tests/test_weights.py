@@ -188,3 +188,66 @@ def test_forward_dense_rejects_bad_tokens(ids, match):
     cfg, params = load_model(FIXTURES / "llama_gqa")
     with pytest.raises(ValueError, match=match):
         forward_dense(cfg, params, ids)
+
+
+@pytest.mark.parametrize("cut", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_names_the_file(tmp_path, cut):
+    folder = copy_fixture("llama_gqa", tmp_path)
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x01" * 64,
+                      "empty": b""}[cut])
+    with pytest.raises(ValueError, match=re.escape(repr(str(file))) + ".*corrupt or truncated"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"architectures": ', "is not valid JSON"),
+    ('[1, 2]', "holds a JSON list, not an object"),
+    ('{"architectures": ["LlamaForCausalLM"]}', "lacks the field"),
+])
+def test_corrupt_config_json_names_the_file(tmp_path, text, match):
+    folder = copy_fixture("llama_gqa", tmp_path)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(repr(str(folder / "config.json"))) + ".*"
+                       + match):
+        load_model(folder)
+
+
+def test_corrupt_index_and_generation_config_name_the_file(tmp_path):
+    folder = copy_fixture("llama_gqa", tmp_path)
+    (folder / "generation_config.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match="generation_config.json' is not valid JSON"):
+        load_model(folder)
+    (folder / "generation_config.json").unlink()
+    (folder / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(ValueError, match="model.safetensors.index.json' is not valid JSON"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    folder = copy_fixture("llama_gqa", tmp_path)
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def poison(t):
+        t[name] = t[name].copy()
+        t[name].flat[3] = bad
+    edit_tensors(folder, poison)
+    with pytest.raises(ValueError, match=re.escape(f"tensor {name!r} in ") + ".*1 non-finite"):
+        load_model(folder)
+    _, params = load_model(folder, allow_nonfinite=True)  # for debugging
+    assert not np.isfinite(flat(params)[name]).all()
+
+
+def test_float32_overflowing_bfloat16_is_refused(tmp_path):
+    folder = copy_fixture("llama_gqa", tmp_path)
+    name = "model.norm.weight"
+
+    def huge(t):
+        t[name] = t[name].copy()
+        t[name][0] = np.float32(3.4e38)  # finite in float32, Inf in bfloat16
+    edit_tensors(folder, huge)
+    load_model(folder)
+    with pytest.raises(ValueError, match=re.escape(repr(name)) + ".*bfloat16"):
+        load_model(folder, dtype="bfloat16")
