@@ -22,8 +22,6 @@ import ctypes
 import inspect
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,41 +35,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.roofline import gemm_gflops  # noqa: E402
 from jaxserve.native import build  # noqa: E402
 from pallas_kernels.ragged import stacked_cache  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, CHUNK = 12, 4, 64, 16, 512
 CONTEXTS = (512, 1024, 1536, 2048)
 ROUNDS = 3
-
-
-def cpu_summary() -> dict:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        out = ""
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("Flags", "").split())
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                        "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "neon", "asimd",
-                        "sve") if f in flags]
-    return {"model_name": fields.get("Model name", platform.processor()),
-            "cpus": os.cpu_count(), "simd_flags": simd, "machine": platform.machine()}
-
-
-def gemm_peak(n: int = 2048, repeats: int = 10) -> float:
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-    b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def register(path: Path, target: str) -> None:
@@ -144,17 +115,18 @@ def main() -> None:
     variants["kernel"] = kernel_fn("bench_kernel")
     if args.baseline:
         with tempfile.TemporaryDirectory() as src:
-            for name in build._SOURCES + build._HEADERS:
-                text = subprocess.run(["git", "show", f"{args.baseline}:jaxserve/native/{name}"],
-                                      cwd=ROOT, capture_output=True, text=True, check=True).stdout
-                Path(src, name).write_text(text)
+            for name in build.ATTENTION.sources + build.ATTENTION.headers:
+                got = subprocess.run(["git", "show", f"{args.baseline}:jaxserve/native/{name}"],
+                                     cwd=ROOT, capture_output=True, text=True)
+                if got.returncode == 0:  # a header newer than the baseline is not needed
+                    Path(src, name).write_text(got.stdout)
             register(build.library_path(Path(src)), "bench_baseline")
         variants["baseline"] = kernel_fn("bench_baseline")
 
-    cpu = cpu_summary()
-    print(f"CPU: {cpu['model_name']} ({cpu['cpus']} cpus; {' '.join(cpu['simd_flags'])})")
+    cpu = cpu_description()
+    print(f"CPU: {cpu_line()}")
     # Best of 10 before and 10 after the attention runs: a busy neighbour lowers a best of 10.
-    peaks = [gemm_peak()]
+    peaks = [gemm_gflops()]
     rng = np.random.default_rng(0)
     rows, notes = [], []
     for context in CONTEXTS:
@@ -203,7 +175,7 @@ def main() -> None:
                 row[name]["max_abs_err_vs_reference"] = float(np.max(err))
         rows.append(row)
 
-    peaks.append(gemm_peak())
+    peaks.append(gemm_gflops())
     peak = max(peaks)
     print(f"XLA f32 GEMM peak (2048^3, best of 10 before / after: "
           f"{peaks[0]:.1f} / {peaks[1]:.1f}): {peak:.1f} GFLOP/s")

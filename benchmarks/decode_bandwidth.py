@@ -31,6 +31,9 @@ import time
 
 import numpy as np
 
+from jaxserve.bench.machine import cpu_description, cpu_line
+from jaxserve.bench.roofline import gemm_gflops
+
 M = 16
 SHAPES = {"qkv": (768, 1280), "o": (768, 768), "gate_up": (768, 4096), "down": (2048, 768),
           "lm_head": (768, 32000)}
@@ -41,16 +44,6 @@ XLA_FLAG_VARIANTS = {
     "xla_eigen_1thread": "--xla_cpu_multi_thread_eigen=false",
 }
 READ_BYTES = 512 * 2**20
-
-
-def cpu_info() -> dict:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    flags = info.get("Flags", "").split()
-    vec = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))]
-    return {"model": info.get("Model name", "?"), "cpus": os.cpu_count(),
-            "l2": info.get("L2 cache"), "l3": info.get("L3 cache"), "vector_extensions": vec}
 
 
 def _times(fn, *args, reps=9) -> list[float]:
@@ -79,13 +72,6 @@ def numpy_read_probe(reps: int = 5) -> float:
         x.sum()
         ts.append(time.perf_counter() - t)
     return READ_BYTES / min(ts) / 1e9
-
-
-def gemm_peak(n: int = 2048) -> float:
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.float32)
-    return 2 * n**3 / min(_times(jax.jit(lambda a, b: a @ b), a, a, reps=10)) / 1e9
 
 
 def product_variants(names: list[str]) -> dict:
@@ -196,15 +182,14 @@ def main() -> None:
         child(args.child)
         return
     import jax
-    cpu = cpu_info()
-    print(f"CPU: {cpu['model']}, {cpu['cpus']} cores, L2 {cpu['l2']}, L3 {cpu['l3']}\n"
-          f"vector extensions: {' '.join(cpu['vector_extensions'])}\njax {jax.__version__}")
+    cpu = cpu_description()
+    print(f"CPU: {cpu_line()}, L2 {cpu['l2']}, L3 {cpu['l3']}\njax {jax.__version__}")
     res = {"cpu": cpu, "jax_version": jax.__version__, "m": M, "shapes_k_n": SHAPES}
     res["read_gbps_2core"] = read_probe()
     res["read_gbps_numpy_1thread"] = numpy_read_probe()
     pin = run_child("pin1")
     res["read_gbps_1core"] = pin and pin["read_gbps"]
-    res["gemm_gflops"] = gemm_peak()
+    res["gemm_gflops"] = gemm_gflops()
     print(f"read probe (jitted sum, {READ_BYTES >> 20} MiB): {res['read_gbps_2core']:.1f} GB/s "
           f"two cores, {res['read_gbps_1core'] or float('nan'):.1f} one core (pinned), numpy "
           f"{res['read_gbps_numpy_1thread']:.1f}; GEMM peak {res['gemm_gflops']:.0f} GFLOP/s")

@@ -13,7 +13,6 @@ from jaxserve.attention import AttentionShape
 from jaxserve.request import Request
 from jaxserve.scheduler import SchedulerOutput, Sequence, chunk_starts
 from jaxserve.step import StepBatch, example_batch
-from jaxserve.sampling import SamplingInputs
 
 
 PENDING = -1  # an output token sampled by the step in flight, not yet back on the host

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from pallas_kernels.ragged import ragged_reference, to_ragged
+
 
 @dataclasses.dataclass
 class StepCase:
@@ -94,3 +96,19 @@ def make_step_case(rng: np.random.Generator, *, chunks: list[tuple[int, int]],
                     v_pages=v_pages.astype(dtype), positions=positions, q_starts=q_starts,
                     q_lens=q_lens, kv_lens=kv_lens, page_table=page_table, live_rows=live,
                     chunk_tokens=b, max_chunk_seqs=sc)
+
+
+def ragged_oracle(chunk_tokens: int, max_chunk_seqs: int, num_decode_slots: int):
+    """attend(q, k_pages, v_pages, **case.kwargs()) in the step layout through the dense
+    per-row `ragged_reference`: the oracle that checks the step-layout backends (the XLA
+    reference included) on packed cases."""
+    b, sc, d = chunk_tokens, max_chunk_seqs, num_decode_slots
+
+    def attend(q, k_pages, v_pages, **kw):
+        meta, rows = to_ragged(b, sc, d, kw["q_starts"], kw["q_lens"], kw["kv_lens"],
+                               kw["page_table"])
+        o = ragged_reference(q[rows.src_rows], k_pages, v_pages, meta,
+                             sm_scale=1 / np.sqrt(q.shape[-1]))
+        return o[rows.dst_rows]
+
+    return attend

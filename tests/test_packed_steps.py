@@ -16,21 +16,11 @@ import pytest
 from engine_helpers import TINY, dense_greedy, dense_logprobs, tiny_params
 from jaxserve import LLM, SamplingParams
 from jaxserve.attention import AttentionShape, attention_fn
-from pallas_kernels.ragged import ragged_reference, to_ragged
-from pallas_kernels.testing import make_step_case
+from pallas_kernels.testing import make_step_case, ragged_oracle
 
 
 def _oracle(shape):
-    b, sc, d = shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots
-
-    def fn(q, k_pages, v_pages, **kw):
-        meta, rows = to_ragged(b, sc, d, kw["q_starts"], kw["q_lens"], kw["kv_lens"],
-                               kw["page_table"])
-        o = ragged_reference(q[rows.src_rows], k_pages, v_pages, meta,
-                             sm_scale=1 / np.sqrt(q.shape[-1]))
-        return o[rows.dst_rows]
-
-    return fn
+    return ragged_oracle(shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots)
 
 
 @pytest.mark.parametrize("chunk_align", [1, 8])

@@ -21,8 +21,8 @@ import pytest
 from jaxserve.attention import AttentionShape, attention_fn, reference_attention
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels import tpu_ragged_paged_attention as tpu
-from pallas_kernels.ragged import RaggedMetadata, ragged_reference, step_attention, to_ragged
-from pallas_kernels.testing import make_step_case
+from pallas_kernels.ragged import RaggedMetadata, step_attention, to_ragged
+from pallas_kernels.testing import make_step_case, ragged_oracle
 from jax.experimental.pallas import tpu as pltpu
 
 CHUNK_TOKENS = 24  # 19 rows used: a 5-row empty tail
@@ -146,16 +146,7 @@ def test_stacked_cache_with_a_traced_layer_index(backend):
 
 
 def _ragged_oracle(shape):
-    b, sc, d = shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots
-
-    def fn(q, k_pages, v_pages, **kw):
-        meta, rows = to_ragged(b, sc, d, kw["q_starts"], kw["q_lens"], kw["kv_lens"],
-                               kw["page_table"])
-        o = ragged_reference(q[rows.src_rows], k_pages, v_pages, meta,
-                             sm_scale=1 / np.sqrt(q.shape[-1]))
-        return o[rows.dst_rows]
-
-    return fn
+    return ragged_oracle(shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots)
 
 
 def test_ragged_view_round_trip_and_kernel_reference():

@@ -12,9 +12,9 @@ _VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"
 
 
 def cpu_description() -> dict:
-    """{"model": ..., "cores": n, "vector_extensions": [...]} from lscpu (best effort)."""
+    """{"model", "cores", "vector_extensions": [...], "l2", "l3"} from lscpu (best effort)."""
     info = {"model": platform.processor() or platform.machine(), "cores": None,
-            "vector_extensions": []}
+            "vector_extensions": [], "l2": None, "l3": None}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
@@ -27,6 +27,7 @@ def cpu_description() -> dict:
     info["cores"] = int(fields["CPU(s)"]) if fields.get("CPU(s)", "").isdigit() else None
     flags = set((fields.get("Flags") or fields.get("Features") or "").split())
     info["vector_extensions"] = [f for f in _VECTOR_FLAGS if f in flags]
+    info["l2"], info["l3"] = fields.get("L2 cache"), fields.get("L3 cache")
     return info
 
 

@@ -173,13 +173,18 @@ _COMPARE = [
 ]
 
 
-def comparison(a: dict, b: dict) -> dict:
-    """{metric: a / b} for the metrics of the side-by-side table."""
+def _ratios(rows, a: dict, b: dict) -> dict:
+    """{label: get(a) / get(b)} over (label, get) rows; NaN where b has no figure."""
     out = {}
-    for label, get in _COMPARE:
+    for label, get in rows:
         x, y = get(a), get(b)
         out[label] = x / y if y and not math.isnan(y) else float("nan")
     return out
+
+
+def comparison(a: dict, b: dict) -> dict:
+    """{metric: a / b} for the metrics of the side-by-side table."""
+    return _ratios(_COMPARE, a, b)
 
 
 def compare_table(a: dict, b: dict) -> str:
@@ -201,11 +206,7 @@ _PEER_COMPARE = [row for row in _COMPARE if row[0] not in (
 
 def peer_comparison(run: dict, peer_run: dict) -> dict:
     """{metric: jaxserve run / peer run} over the figures both engines have."""
-    out = {}
-    for label, get in _PEER_COMPARE:
-        x, y = get(run), get(peer_run)
-        out[label] = x / y if y and not math.isnan(y) else float("nan")
-    return out
+    return _ratios(_PEER_COMPARE, run, peer_run)
 
 
 def vllm_table(runs: list[dict], peer: dict) -> str:

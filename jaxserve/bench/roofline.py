@@ -86,6 +86,17 @@ def read_bandwidth(nbytes: int = 0, dtype: str = "float32", reps: int = 10) -> f
     return moved / s / 1e9
 
 
+def gemm_gflops(n: int = 0, dtype: str = "float32", reps: int = 10) -> float:
+    """The GEMM probe alone: best GFLOP/s of a jitted n x n x n matmul (0: the platform's
+    default size)."""
+    n = n or default_sizes(jax.devices()[0].platform)[0]
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    jdtype = to_jnp_dtype(dtype)
+    a = jax.random.normal(ka, (n, n), jdtype)
+    b = jax.random.normal(kb, (n, n), jdtype)
+    return 2 * n**3 / _best_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps) / 1e9
+
+
 def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: int = 0,
                     reps: int = 10, read_bytes: int = 0) -> dict:
     """Platform facts plus measured matmul GFLOP/s, read GB/s and copy GB/s in `dtype`. Best of
@@ -94,11 +105,7 @@ def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: in
     n0, b0 = default_sizes(dev.platform)
     n, nbytes = matmul_n or n0, copy_bytes or b0
     jdtype = to_jnp_dtype(dtype)
-    ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (n, n), jdtype)
-    b = jax.random.normal(kb, (n, n), jdtype)
-    gemm_s = _best_time(jax.jit(lambda a, b: a @ b), a, b, reps=reps)
-    del a, b
+    gflops = gemm_gflops(n, dtype, reps)
     copy_s, moved = _copy_time(nbytes, jdtype, reps)
     read_n = read_bytes or default_read_bytes(dev.platform)
     read_s, read = _read_time(read_n, jdtype, reps)
@@ -106,7 +113,7 @@ def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: in
         "platform": dev.platform, "device_kind": dev.device_kind,
         "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
         "jax_version": jax.__version__, "dtype": dtype,
-        "matmul_n": n, "matmul_gflops": 2 * n**3 / gemm_s / 1e9,
+        "matmul_n": n, "matmul_gflops": gflops,
         "copy_bytes": nbytes, "mem_gbps": moved / copy_s / 1e9,
         "read_bytes": read_n, "read_gbps": read / read_s / 1e9,
     }

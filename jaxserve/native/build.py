@@ -10,6 +10,7 @@ the flags, jaxlib and the CPU, so a first start-up pays a few seconds once and l
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -23,11 +24,27 @@ from pathlib import Path
 import jax
 import jaxlib
 
-# Compiled in parallel (one process each), then linked: the kernels' instantiations dominate.
-_SOURCES = ("paged_attention.cc", "paged_attention_f32.cc", "paged_attention_bf16.cc")
-_HEADERS = ("paged_attention_kernels.h",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """One shared library of native kernels: its sources (compiled in parallel, one process
+    each, then linked), the headers its cache key covers, and the FFI targets it registers."""
+
+    name: str  # the cached file's stem and what the log calls it
+    sources: tuple[str, ...]
+    headers: tuple[str, ...]
+    flags: tuple[str, ...]
+    targets: tuple[tuple[str, str], ...]  # (XLA target name, exported handler symbol)
+
+
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
-TARGETS = {"jaxserve_paged_attention": "JaxservePagedAttention"}
+ATTENTION = Library(
+    name="attention",
+    # The float32 and bfloat16 instantiations in their own units: they dominate the build.
+    sources=("paged_attention.cc", "paged_attention_f32.cc", "paged_attention_bf16.cc"),
+    headers=("paged_attention_kernels.h", "parallel_for.h"), flags=_FLAGS,
+    targets=(("jaxserve_paged_attention", "JaxservePagedAttention"),))
 
 
 class NativeBuildError(RuntimeError):
@@ -72,9 +89,9 @@ def _cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"jaxserve-{getattr(os, 'getuid', lambda: 0)()}"
 
 
-def library_path(source_dir: Path | None = None) -> Path:
-    """Builds the library if this machine has not yet, and returns its path. `source_dir`:
-    build these sources instead of the ones beside this file (benchmarks compare versions)."""
+def library_path(source_dir: Path | None = None, lib: Library = ATTENTION) -> Path:
+    """Builds `lib` if this machine has not yet, and returns its path. `source_dir`: build
+    these sources instead of the ones beside this file (benchmarks compare versions)."""
     cxx = _compiler()
     here = Path(source_dir) if source_dir else Path(__file__).parent
     try:
@@ -83,11 +100,11 @@ def library_path(source_dir: Path | None = None) -> Path:
     except (OSError, subprocess.CalledProcessError) as e:
         raise NativeBuildError(f"{cxx} --version failed: {e}") from e
     key = hashlib.sha256()
-    for part in ([(here / s).read_bytes() for s in _SOURCES + _HEADERS]
-                 + [s.encode() for s in (version, " ".join(_FLAGS), jaxlib.__version__,
+    for part in ([(here / s).read_bytes() for s in lib.sources + lib.headers]
+                 + [s.encode() for s in (version, " ".join(lib.flags), jaxlib.__version__,
                                          platform.machine(), _cpu_id())]):
         key.update(part)
-    out = _cache_dir() / f"jaxserve_native_{key.hexdigest()[:16]}.so"
+    out = _cache_dir() / f"jaxserve_{lib.name}_{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     try:
@@ -98,12 +115,12 @@ def library_path(source_dir: Path | None = None) -> Path:
     except OSError as e:
         raise NativeBuildError(f"cannot write the kernel cache {out.parent} ({e}); set "
                                f"JAXSERVE_CACHE_DIR to a writable folder") from e
-    objects = [f"{tmp}.{i}.o" for i in range(len(_SOURCES))]
-    compiles = [[cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(here / src), "-o", obj]
-                for src, obj in zip(_SOURCES, objects)]
+    objects = [f"{tmp}.{i}.o" for i in range(len(lib.sources))]
+    compiles = [[cxx, *lib.flags, f"-I{jax.ffi.include_dir()}", "-c", str(here / src), "-o", obj]
+                for src, obj in zip(lib.sources, objects)]
     # A warning so that a first start-up says why it pauses (it is not repeated).
-    logging.warning("jaxserve: building the native CPU attention kernel into %s (once per "
-                    "machine, ~10 s)", out.parent)
+    logging.warning("jaxserve: building the native CPU %s kernel into %s (once per machine, "
+                    "a few seconds)", lib.name, out.parent)
     try:
         procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in compiles]
         errors = [p.communicate()[1] for p in procs]
@@ -120,26 +137,26 @@ def library_path(source_dir: Path | None = None) -> Path:
                 os.unlink(obj)
     if failed:
         os.unlink(tmp)
-        raise NativeBuildError(f"compiling the native CPU kernels failed:\n{failed[0][-4000:]}")
+        raise NativeBuildError(f"compiling the native CPU {lib.name} kernel failed:\n"
+                               f"{failed[0][-4000:]}")
     os.replace(tmp, out)
     return out
 
 
 @functools.cache
-def load() -> None:
-    """Builds (once), loads and registers every native kernel with XLA for the CPU platform.
-    Raises NativeBuildError if that is not possible; the caller falls back to XLA."""
-    path = library_path()
+def load_library(lib: Library) -> None:
+    """Builds `lib` (once), loads it and registers its kernels with XLA for the CPU platform.
+    Raises NativeBuildError if that is not possible."""
+    path = library_path(lib=lib)
     try:
-        lib = ctypes.cdll.LoadLibrary(str(path))
+        handle = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
         raise NativeBuildError(f"cannot load {path}: {e}") from e
-    for target, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+    for target, symbol in lib.targets:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)),
                                     platform="cpu")
 
 
-if __name__ == "__main__":
-    # `python -m jaxserve.native.build`: build now (e.g. in an image) rather than at first use.
-    logging.basicConfig(level=logging.INFO)
-    print(library_path())
+def load() -> None:
+    """The attention kernel, built and registered (see `load_library`)."""
+    load_library(ATTENTION)

@@ -21,15 +21,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,35 +36,6 @@ namespace {
 constexpr int64_t kStrip = 512;  // output columns per task (16 register tiles of 32)
 constexpr int64_t kBlockK = 32;  // weight rows per block: 32 x 128 x 4 B = 16 KiB in L1
 constexpr int64_t kTileM = 8;    // rows per register tile
-
-// Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
-// (The same scheme as paged_attention.cc: the call finishes even if the pool never runs a task.)
-void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t total = 0;
-    std::function<void(int64_t)> fn;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto st = std::make_shared<State>();
-  st->total = total;
-  st->fn = std::move(fn);
-  auto work = [st]() {
-    int64_t mine = 0;
-    for (int64_t i; (i = st->next.fetch_add(1)) < st->total; ++mine) st->fn(i);
-    if (mine && st->done.fetch_add(mine) + mine == st->total) {
-      std::lock_guard<std::mutex> lock(st->mu);
-      st->cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->done.load() == st->total; });
-}
 
 // 16 weights from w as float32; with kMasked, lanes outside `mask` read as 0 (a masked load
 // costs an extra uop on the FMA ports, so full tiles use plain loads).
@@ -166,7 +134,7 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
   const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
   const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 31) / 32 * 32;
   const int64_t strips = (n + width - 1) / width;
-  parallel_for(pool, strips, [=](int64_t s) {
+  jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
     strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
   });

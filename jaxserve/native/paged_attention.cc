@@ -23,48 +23,16 @@
 // runs a task.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <memory>
-#include <mutex>
 
 #include "paged_attention_kernels.h"
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
-void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t total = 0;
-    std::function<void(int64_t)> fn;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto st = std::make_shared<State>();
-  st->total = total;
-  st->fn = std::move(fn);
-  auto work = [st]() {
-    int64_t mine = 0;
-    for (int64_t i; (i = st->next.fetch_add(1)) < st->total; ++mine) st->fn(i);
-    if (mine && st->done.fetch_add(mine) + mine == st->total) {
-      std::lock_guard<std::mutex> lock(st->mu);
-      st->cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  // Schedule takes its task by value (forwarding a reference would not compile): a copy each.
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->done.load() == st->total; });
-}
 
 template <typename T>
 ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
@@ -84,7 +52,7 @@ ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
       row_len.typed_data(), page_table.typed_data(), lyr, d, qd[0], scale,
       reinterpret_cast<T*>(out->untyped_data()),
       [&pool](int64_t total, const std::function<void(int64_t)>& fn) {
-        parallel_for(pool, total, fn);
+        jaxserve::parallel_for(pool, total, fn);
       });
   return ffi::Error::Success();
 }
