@@ -546,3 +546,24 @@ def test_vllm_peer_real(tmp_path):
     check_peer_run(peer["run"], out["runs"][0])
     assert peer["greedy_agreement"]["first_token_equal"] == 1.0
     assert peer["startup_s"] > 0
+
+
+def test_groups_split_the_interference_requests():
+    from jaxserve.bench.report import groups_json, groups_table
+
+    def req(rid, arrival, times):
+        return {"id": rid, "arrival_s": arrival, "first_token_s": times[0],
+                "token_times_s": times, "output_len": len(times)}
+
+    reqs = [req("stream-0", 0.0, [0.1, 0.2, 0.4]), req("stream-1", 0.0, [0.1, 0.3, 0.4]),
+            req("long-0", 0.2, [1.2, 1.3])]
+    g = groups_json(reqs, wall_s=2.0)
+    assert set(g) == {"stream", "long"}
+    assert g["stream"]["requests"] == 2 and g["long"]["requests"] == 1
+    assert abs(g["stream"]["ttft_ms"]["mean"] - 100) < 1e-9
+    assert abs(g["long"]["ttft_ms"]["mean"] - 1000) < 1e-9
+    assert abs(g["stream"]["itl_ms"]["max"] - 200) < 1e-9
+    assert g["stream"]["output_throughput_tok_s"] == 3.0
+    assert groups_json(reqs[:2], wall_s=2.0) == {}  # one group: nothing to split
+    table = groups_table([{"mode": "chunked", "groups": g}], {"mode": "vllm", "groups": g})
+    assert "stream: P99 ITL (ms)" in table and "1.000" in table
