@@ -97,6 +97,135 @@ inline int64_t token_offset(const Dims& d, const int32_t* page_table, int64_t la
              d.head_dim + kvh * d.head_dim;
 }
 
+// Sixteen floats as one value (GCC/Clang vector extensions): one AVX-512 register, or two AVX2
+// or four NEON registers, whatever the build targets.
+typedef float vf16 __attribute__((vector_size(64)));
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf16 load16(const uint16_t* p) {
+  vf16 v;
+  for (int i = 0; i < 16; ++i) v[i] = load(p + i);
+  return v;
+}
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+inline float hsum16(vf16 v) {  // halves added pairwise, a fixed order (lane by lane it was slow)
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+// {hsum16(a0), hsum16(a1), hsum16(a2), hsum16(a3)}, bit for bit (the same additions), with
+// the four vectors' shuffles shared.
+inline vf4 hsum4x16(vf16 a0, vf16 a1, vf16 a2, vf16 a3) {
+  auto halves = [](vf16 x, vf16 y) {  // {x[0:8] + x[8:16], y[0:8] + y[8:16]}
+    return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                   30, 31);
+  };
+  const vf16 x = halves(a0, a1), y = halves(a2, a3);
+  const vf16 b = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
+                                         26, 27) +
+                 __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
+                                         29, 30, 31);
+  const vf8 z = __builtin_shufflevector(b, b, 0, 1, 4, 5, 8, 9, 12, 13) +
+                __builtin_shufflevector(b, b, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(z, z, 0, 2, 4, 6) + __builtin_shufflevector(z, z, 1, 3, 5, 7);
+}
+
+// A decode row's scores and P.V with the GB query vectors, the key or value vector and the GB
+// accumulators of one kv head in registers (GB * DH / 16 <= 16 vectors), kv head by kv head
+// over a page: the scalar loops kept the accumulators in memory and ran at ~1/3 the rate.
+template <int GB, int DH>
+constexpr bool kVecItem = DH > 0 && DH % 16 == 0 && GB * (DH / 16) <= 16;
+
+// Prefetches the `count` tokens' [token_stride] rows from `page` (null: none), one token's rows
+// per call with `t`: spread over a loop, so the loads of the next page overlap this one's math
+// (pages lie anywhere in the cache, so the hardware prefetchers never see them coming).
+template <typename T>
+inline void prefetch_token(const T* page, int64_t token_stride, int64_t t) {
+  if (!page) return;
+  const char* row = reinterpret_cast<const char*>(page + t * token_stride);
+  for (int64_t b = 0; b < token_stride * int64_t(sizeof(T)); b += 64) __builtin_prefetch(row + b);
+}
+
+// p[h, t] = q_h . k_t for the page's `count` tokens (page: the first token's kv head 0);
+// prefetches `then` (this page's values) meanwhile.
+template <int GB, int DH, typename T>
+inline void item_scores_vec(const float* qf, const T* page, int64_t token_stride, int64_t count,
+                            int64_t nkv, int64_t g_count, int64_t ps, float* p,
+                            const T* then) {
+  constexpr int C = DH / 16;
+  for (int64_t kv = 0; kv < nkv; ++kv) {
+    for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
+      const int64_t h0 = kv * g_count + gb0;
+      vf16 qv[GB][C];
+      for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < C; ++c) qv[g][c] = load16(qf + (h0 + g) * DH + 16 * c);
+      auto dot = [&](int g, const vf16* kk) {
+        vf16 a = qv[g][0] * kk[0];
+        for (int c = 1; c < C; ++c) a += qv[g][c] * kk[c];
+        return a;
+      };
+      auto keys = [&](int64_t t, vf16* kk) {
+        if (kv == 0 && gb0 == 0) prefetch_token(then, token_stride, t);
+        const T* kp = page + t * token_stride + kv * DH;
+        for (int c = 0; c < C; ++c) kk[c] = load16(kp + 16 * c);
+      };
+      int64_t t = 0;
+      for (; t + 4 <= count; t += 4) {  // four tokens' sums reduced together
+        vf16 a[GB][4];
+        for (int j = 0; j < 4; ++j) {
+          vf16 kk[C];
+          keys(t + j, kk);
+          for (int g = 0; g < GB; ++g) a[g][j] = dot(g, kk);
+        }
+        for (int g = 0; g < GB; ++g) {
+          const vf4 r = hsum4x16(a[g][0], a[g][1], a[g][2], a[g][3]);
+          std::memcpy(p + (h0 + g) * ps + t, &r, sizeof r);
+        }
+      }
+      for (; t < count; ++t) {
+        vf16 kk[C];
+        keys(t, kk);
+        for (int g = 0; g < GB; ++g) p[(h0 + g) * ps + t] = hsum16(dot(g, kk));
+      }
+    }
+  }
+}
+
+// acc[h] += sum_t p[h, t] v_t over the page's `count` tokens; prefetches `then` (the next
+// page's keys, `then_count` tokens) meanwhile.
+template <int GB, int DH, typename T>
+inline void item_values_vec(const float* p, const T* page, int64_t token_stride, int64_t count,
+                            int64_t nkv, int64_t g_count, int64_t ps, float* acc,
+                            const T* then, int64_t then_count) {
+  constexpr int C = DH / 16;
+  for (int64_t kv = 0; kv < nkv; ++kv) {
+    for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
+      const int64_t h0 = kv * g_count + gb0;
+      vf16 a[GB][C];
+      for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < C; ++c) a[g][c] = load16(acc + (h0 + g) * DH + 16 * c);
+      for (int64_t t = 0; t < count; ++t) {
+        if (kv == 0 && gb0 == 0 && t < then_count) prefetch_token(then, token_stride, t);
+        const T* vp = page + t * token_stride + kv * DH;
+        vf16 vv[C];
+        for (int c = 0; c < C; ++c) vv[c] = load16(vp + 16 * c);
+        for (int g = 0; g < GB; ++g) {
+          const float w = p[(h0 + g) * ps + t];
+          for (int c = 0; c < C; ++c) a[g][c] += w * vv[c];
+        }
+      }
+      for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < C; ++c) std::memcpy(acc + (h0 + g) * DH + 16 * c, &a[g][c], 64);
+    }
+  }
+}
+
 // One work item: the query heads of kv heads [kvh0, kvh0 + nkv) of one row (a decode token)
 // attend to the row's keys, page by page with an online softmax. GB (a divisor of the GQA group)
 // and DH (head_dim; 0 = read it from d) are template constants so that each key and value
@@ -124,17 +253,22 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
     const int64_t base = token_offset(d, page_table, layer, slot, start, kvh0);
     if (base < 0) break;
     const int64_t count = std::min<int64_t>(ps, len - start);
-    for (int64_t t = 0; t < count; ++t) {
-      for (int64_t kv = 0; kv < nkv; ++kv) {
-        const T* kp = kc + base + t * token_stride + kv * dh;
-        for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
-          for (int g = 0; g < GB; ++g) {
-            const int64_t h = kv * g_count + gb0 + g;
-            const float* qh = qf + h * dh;
-            float sh = 0.f;
+    if constexpr (kVecItem<GB, DH>) {
+      item_scores_vec<GB, DH>(qf, kc + base, token_stride, count, nkv, g_count, ps, p,
+                              vc + base);
+    } else {
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t kv = 0; kv < nkv; ++kv) {
+          const T* kp = kc + base + t * token_stride + kv * dh;
+          for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
+            for (int g = 0; g < GB; ++g) {
+              const int64_t h = kv * g_count + gb0 + g;
+              const float* qh = qf + h * dh;
+              float sh = 0.f;
 #pragma omp simd reduction(+ : sh)
-            for (int64_t x = 0; x < dh; ++x) sh += qh[x] * load(kp + x);
-            p[h * ps + t] = sh;
+              for (int64_t x = 0; x < dh; ++x) sh += qh[x] * load(kp + x);
+              p[h * ps + t] = sh;
+            }
           }
         }
       }
@@ -160,17 +294,25 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
         for (int64_t x = 0; x < dh; ++x) ah[x] *= correction;
       }
     }
-    for (int64_t t = 0; t < count; ++t) {
-      for (int64_t kv = 0; kv < nkv; ++kv) {
-        const T* vp = vc + base + t * token_stride + kv * dh;
-        for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
-          float w[GB];
-          for (int g = 0; g < GB; ++g) w[g] = p[(kv * g_count + gb0 + g) * ps + t];
-          float* a0 = acc + (kv * g_count + gb0) * dh;
+    if constexpr (kVecItem<GB, DH>) {
+      const int64_t next = start + ps < len
+          ? token_offset(d, page_table, layer, slot, start + ps, kvh0) : -1;
+      item_values_vec<GB, DH>(p, vc + base, token_stride, count, nkv, g_count, ps, acc,
+                              next < 0 ? nullptr : kc + next,
+                              std::min<int64_t>(ps, len - start - ps));
+    } else {
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t kv = 0; kv < nkv; ++kv) {
+          const T* vp = vc + base + t * token_stride + kv * dh;
+          for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
+            float w[GB];
+            for (int g = 0; g < GB; ++g) w[g] = p[(kv * g_count + gb0 + g) * ps + t];
+            float* a0 = acc + (kv * g_count + gb0) * dh;
 #pragma omp simd
-          for (int64_t x = 0; x < dh; ++x) {
-            const float v = load(vp + x);
-            for (int g = 0; g < GB; ++g) a0[g * dh + x] += w[g] * v;
+            for (int64_t x = 0; x < dh; ++x) {
+              const float v = load(vp + x);
+              for (int g = 0; g < GB; ++g) a0[g * dh + x] += w[g] * v;
+            }
           }
         }
       }
