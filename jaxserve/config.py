@@ -243,14 +243,17 @@ class EngineConfig:
     mesh_shape: str = ""  # e.g. "model=8" or "data=2,model=4"; "" = one device, no mesh
 
     def __post_init__(self):
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         for name in ("max_chunk_seqs", "chunk_align", "max_decode_slots", "page_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         for name in ("chunk_size", "num_pages", "max_model_len", "max_logprobs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not integer(value) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a non-negative integer")
+        if not integer(self.seed) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0 (the engine's seed)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
         if self.attention not in ATTENTION_BACKENDS:

@@ -32,8 +32,7 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import to_host
 from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
 from jaxserve.step import StepOutput
-from jaxserve.validation import (check_number, check_request_id, check_token_ids, is_integer,
-                                 show)
+from jaxserve.validation import check_number, check_request_id, check_token_ids, show
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +73,6 @@ class Engine:
                  tokenizer=None, *, strict_compiles: bool = False,
                  step_log_len: int = STEP_LOG_LEN):
         cfg = engine_cfg.resolve(model_cfg)
-        if not is_integer(cfg.seed) or cfg.seed < 0:  # checked before anything compiles
-            raise ValueError(f"seed={cfg.seed!r} must be an integer >= 0 (the engine's seed)")
         self.model_cfg, self.cfg, self.tokenizer = model_cfg, cfg, tokenizer
         self.runner = Runner(model_cfg, params, cfg)
         self.num_top = self.runner.num_top
