@@ -54,6 +54,8 @@ def main() -> None:
 
     cfg = ModelConfig.from_hf_dict(BENCH_HF_CONFIG)
     llm = LLM.from_params(cfg, init_params(cfg, seed=0), chunk_size=512,
+                          # one executable of each kind, so ops map to one program each
+                          chunk_buckets=1, decode_buckets=1,
                           max_decode_slots=16, page_size=16, max_model_len=512,
                           attention=args.attention)
     rng = np.random.default_rng(0)
@@ -80,8 +82,10 @@ def main() -> None:
     ordered = sorted(runs, key=lambda r: min(e["ts"] for e in runs[r]))
     kinds = {"mixed": ordered[:num_mixed], "decode": ordered[num_mixed:]}
     exes = llm.engine.runner.executables
-    shapes = {"mixed": _op_shapes(exes.mixed.as_text()),
-              "decode": _op_shapes(exes.decode_only.as_text())}
+    (mixed_exe, _), = exes.mixed.values()
+    (decode_exe, _), = exes.decode_only.values()
+    shapes = {"mixed": _op_shapes(mixed_exe.as_text()),
+              "decode": _op_shapes(decode_exe.as_text())}
     report = {}
     for kind, ids in kinds.items():
         per_op = collections.Counter()

@@ -44,12 +44,12 @@ class SlotPlan:
     chunk_rows: list[ChunkRows]  # only chunks whose prompt logprobs were asked for
 
 
-def build_batch(out: SchedulerOutput, shape: AttentionShape, num_global_slots: int
+def build_batch(out: SchedulerOutput, shape: AttentionShape, global_chunk_seqs: int
                 ) -> tuple[StepBatch, SlotPlan]:
-    """Packs the scheduled work into a batch. A decode whose input token is still PENDING reads
-    it on device from the previous step's `next_tokens` (`prev_index`)."""
+    """Packs the scheduled work into a batch of `shape`. A decode whose input token is still
+    PENDING reads it on device from the previous step's `next_tokens` (`prev_index`), where
+    chunk sequence i is i and decode slot d is `global_chunk_seqs` + d in every executable."""
     b, sc, d = shape.chunk_tokens, shape.max_chunk_seqs, shape.num_decode_slots
-    first_global = num_global_slots - (sc + d)
     ps = shape.page_size
     assert len(out.chunks) <= sc and len(out.decodes) <= d, (len(out.chunks), len(out.decodes))
     batch = example_batch(shape)
@@ -76,7 +76,8 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, num_global_slots: i
         batch.sample_index[i] = row0 + length - 1
         if samples:
             req: Request = seq.payload
-            sampled.append(Sampled(i, first_global + i, seq, len(seq.output_ids)))
+            global_index = i if i < sc else global_chunk_seqs + i - sc
+            sampled.append(Sampled(i, global_index, seq, len(seq.output_ids)))
             prm = req.params
             sp.temperature[i], sp.top_k[i] = prm.temperature, prm.top_k
             sp.top_p[i], sp.min_p[i] = prm.top_p, prm.min_p

@@ -231,6 +231,11 @@ class EngineConfig:
     # segment. 1 = pack tightly.
     chunk_align: int = 8
     max_decode_slots: int = 16
+    # Steps compiled in several sizes so that light load does not pay for the full shape: the
+    # chunk region halves this many times (512, 256, 128) and the decode-only step that many
+    # (16, 8); each step runs in the smallest that holds its work. 1 = one size each.
+    chunk_buckets: int = 3
+    decode_buckets: int = 2
     page_size: int = 16
     num_pages: int = 0  # 0: enough for every decode slot at max_model_len, plus the trash page
     max_model_len: int = 0  # 0: the model's max_position_embeddings
@@ -244,7 +249,8 @@ class EngineConfig:
 
     def __post_init__(self):
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        for name in ("max_chunk_seqs", "chunk_align", "max_decode_slots", "page_size"):
+        for name in ("max_chunk_seqs", "chunk_align", "max_decode_slots", "page_size",
+                     "chunk_buckets", "decode_buckets"):
             value = getattr(self, name)
             if not integer(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -294,6 +300,20 @@ class EngineConfig:
         if self.chunk_size:
             return self.chunk_size
         return -(-self.max_model_len // self.chunk_align) * self.chunk_align
+
+    @property
+    def chunk_bucket_sizes(self) -> tuple[int, ...]:
+        """Chunk-region sizes compiled, ascending: the region halved up to chunk_buckets - 1
+        times, each a positive multiple of chunk_align."""
+        b, a = self.chunk_tokens, self.chunk_align
+        sizes = {b >> i for i in range(self.chunk_buckets)}
+        return tuple(sorted(x for x in sizes if x >= a and x % a == 0)) or (b,)
+
+    @property
+    def decode_bucket_sizes(self) -> tuple[int, ...]:
+        """Decode-only step sizes compiled, ascending (halving from max_decode_slots)."""
+        d = self.max_decode_slots
+        return tuple(sorted({max(1, -(-d // (1 << i))) for i in range(self.decode_buckets)}))
 
     @property
     def pages_per_seq(self) -> int:

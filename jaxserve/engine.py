@@ -30,7 +30,7 @@ from jaxserve.request import Request
 from jaxserve.runner import Runner
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import to_host
-from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
+from jaxserve.scheduler import Scheduler, SeqStatus, Sequence, chunk_starts
 from jaxserve.step import StepOutput
 from jaxserve.validation import check_number, check_request_id, check_token_ids, show
 
@@ -58,6 +58,7 @@ class StepRecord:
     num_decodes: int
     scheduled_tokens: int
     dispatched_s: float
+    rows: int = 0  # rows the executable computed (its bucket's size): scheduled / rows is useful
     tokens_back_s: float = float("nan")
 
 
@@ -266,13 +267,15 @@ class Engine:
         if sched.is_empty:
             return None
         mixed = bool(sched.chunks)
-        shape = self.runner.shape(mixed)
-        batch, plan = build_batch(sched, shape, self.runner.num_global_seqs)
+        starts = chunk_starts([c.length for c in sched.chunks], self.cfg.chunk_align)
+        chunk_rows = starts[-1] + sched.chunks[-1].length if mixed else 0
+        exe, shape = self.runner.pick(chunk_rows, len(sched.decodes), mixed)
+        batch, plan = build_batch(sched, shape, self.cfg.max_chunk_seqs)
         now = time.perf_counter()
         for seq in [c.seq for c in sched.chunks] + sched.decodes:
             if seq.payload.metrics.first_scheduled_time is None:
                 seq.payload.metrics.first_scheduled_time = now
-        out = self.runner.run(batch, mixed)
+        out = self.runner.run(exe, batch)
         self._count(mixed, sched.num_tokens, shape)
         for work in sched.chunks:
             work.seq.num_computed += work.length
@@ -289,7 +292,7 @@ class Engine:
         return _InFlight(out, plan, StepRecord(
             kind="mixed" if mixed else "decode", num_chunks=len(sched.chunks),
             num_decodes=len(sched.decodes), scheduled_tokens=sched.num_tokens,
-            dispatched_s=now))
+            dispatched_s=now, rows=shape.num_tokens))
 
     def _count(self, mixed: bool, scheduled: int, shape: AttentionShape) -> None:
         st = self._stats

@@ -93,6 +93,7 @@ class Runner:
         build = functools.partial(
             compile_steps, self.model_cfg, self.layout, self.params, self.cache, self._rope,
             self.mixed_shape, interpret=self.cfg.pallas_interpret, num_top=self.num_top,
+            chunk_sizes=self.cfg.chunk_bucket_sizes, decode_sizes=self.cfg.decode_bucket_sizes,
             placement=self.placement)
         if self.cfg.attention == "auto" and self.backend != "xla":
             # Decided before compiling, from what is known: a kernel that cannot serve this
@@ -136,20 +137,23 @@ class Runner:
     def _warm_up(self) -> None:
         """Runs each executable once on an empty batch (it writes only the trash page), so
         first-use work in the runtime happens at start-up, not in the first served step."""
-        for mixed in (True, False):
-            jax.block_until_ready(self.run(example_batch(self.shape(mixed)), mixed))
+        for exe, shape in self.executables.all():
+            jax.block_until_ready(self._run(exe, example_batch(shape)))
 
     @property
     def executables_compiled(self) -> int:
         return self.executables.count
 
-    def shape(self, mixed: bool) -> AttentionShape:
-        return self.executables.mixed_shape if mixed else self.executables.decode_shape
+    def pick(self, chunk_rows: int, num_decodes: int, mixed: bool):
+        """The smallest compiled step that holds this work: (executable, its shape)."""
+        return self.executables.pick(chunk_rows, num_decodes, mixed)
 
-    def run(self, batch: StepBatch, mixed: bool) -> StepOutput:
-        """Dispatches one step (asynchronously): the cache is updated in place and the sampled
-        tokens stay on the device for the next step's `prev_index` reads."""
-        exe = self.executables.mixed if mixed else self.executables.decode_only
+    def run(self, exe, batch: StepBatch) -> StepOutput:
+        """Dispatches one step (asynchronously) on `exe` (from `pick`): the cache is updated in
+        place and the sampled tokens stay on the device for the next step's reads."""
+        return self._run(exe, batch)
+
+    def _run(self, exe, batch: StepBatch) -> StepOutput:
         out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens, self._rope)
         self._prev_tokens = out.next_tokens
         return out

@@ -2,10 +2,11 @@
 (shared by up to Sc sequences) + D decode slots.
 
 `step_fn(params, cache, batch) -> (StepOutput, cache)` with the cache donated, so K/V are
-written in place. Two executables are built ahead of time at start-up: the mixed step (chunks +
-decodes) and a decode-only step (B = Sc = 0), so a step with no prefill never pays for an empty
-chunk region. Nothing is compiled after that; `StepExecutables` refuses a batch of any other
-shape.
+written in place. Every executable is built ahead of time at start-up: the mixed step (chunks +
+decodes) for each chunk-region size and the decode-only step (B = Sc = 0) for each decode size
+(`EngineConfig.chunk_bucket_sizes` / `decode_bucket_sizes`), and a step runs in the smallest
+that holds its work, so light load and decode-only steps do not pay for the full shape.
+Nothing is compiled after that.
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ def _prompt_logprobs(model, hidden, targets, num_top):
 
 def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: jax.Array,
             rope: jax.Array, *, model_cfg: ModelConfig, layout: WeightLayout,
-            shape: AttentionShape, num_global_slots: int, backend: str, interpret: bool,
-            num_top: int) -> tuple[StepOutput, KVCache]:
-    """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`
-    (global index = sequence index in the mixed step; Sc_mixed + d for decode slot d in both);
-    `rope` the model's `rope_table` up to max_model_len (built once by the engine)."""
+            shape: AttentionShape, global_chunk_seqs: int, num_global_slots: int, backend: str,
+            interpret: bool, num_top: int) -> tuple[StepOutput, KVCache]:
+    """One step. `prev_tokens` i32[num_global_slots] is the previous step's `next_tokens`:
+    every executable numbers sequences globally, chunk sequence i as i and decode slot d as
+    `global_chunk_seqs` + d (the largest shape's Sc), so any step can read any step's tokens.
+    `rope` is the model's `rope_table` up to max_model_len (built once by the engine)."""
     model = bind(model_cfg, params, layout)
     token_ids = jnp.where(batch.prev_index >= 0,
                           prev_tokens[jnp.maximum(batch.prev_index, 0)], batch.token_ids)
@@ -96,10 +98,10 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
     hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache, rope)
     out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
                  batch.want_top_logprobs)
-    # Sequences are numbered globally (chunk sequences of the mixed step first), so decode slot
-    # d is Sc_mixed + d in both executables.
-    next_tokens = jnp.zeros((num_global_slots,), jnp.int32).at[
-        num_global_slots - out.tokens.shape[0]:].set(out.tokens)
+    sc, d = shape.max_chunk_seqs, shape.num_decode_slots
+    next_tokens = (jnp.zeros((num_global_slots,), jnp.int32)
+                   .at[:sc].set(out.tokens[:sc])
+                   .at[global_chunk_seqs:global_chunk_seqs + d].set(out.tokens[sc:]))
 
     n = shape.chunk_tokens
     empty = (jnp.zeros((n,), jnp.float32), jnp.zeros((n, num_top), jnp.int32),
@@ -132,42 +134,59 @@ def example_batch(shape: AttentionShape) -> StepBatch:
 
 @dataclasses.dataclass
 class StepExecutables:
-    """The ahead-of-time compiled steps: the mixed step and, when chunks can happen, a
-    decode-only step (so a step with no prefill never pays for the chunk region)."""
+    """The ahead-of-time compiled steps, by shape: mixed steps by chunk-region size B, decode-only
+    steps by decode slots D (a shape with no chunk region serves as both)."""
 
-    mixed: jax.stages.Compiled
-    decode_only: jax.stages.Compiled
-    mixed_shape: AttentionShape
-    decode_shape: AttentionShape
+    mixed: dict[int, tuple[jax.stages.Compiled, AttentionShape]]  # B -> (executable, shape)
+    decode_only: dict[int, tuple[jax.stages.Compiled, AttentionShape]]  # D -> ...
     count: int  # executables actually compiled (counted as they are built)
+
+    def pick(self, chunk_rows: int, num_decodes: int, mixed: bool):
+        """(executable, shape) of the smallest step that holds this work: `chunk_rows` rows of
+        the chunk region used (mixed), or `num_decodes` decode rows (decode-only)."""
+        table, need = (self.mixed, chunk_rows) if mixed else (self.decode_only, num_decodes)
+        size = min((k for k in table if k >= need), default=None)
+        assert size is not None, (chunk_rows, num_decodes, mixed, sorted(table))
+        return table[size]
+
+    def all(self):
+        """Every distinct (executable, shape), for warm-up."""
+        seen = {}
+        for exe, shape in [*self.mixed.values(), *self.decode_only.values()]:
+            seen[shape] = exe
+        return [(exe, shape) for shape, exe in seen.items()]
 
 
 def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: KVCache,
                   rope: jax.Array, shape: AttentionShape, *, backend: str, interpret: bool,
-                  num_top: int, placement=None) -> StepExecutables:
-    """Compiles both steps ahead of time; with a `sharding.Placement`, for its mesh."""
-    decode_shape = shape.decode_only()
+                  num_top: int, chunk_sizes: tuple[int, ...] = (),
+                  decode_sizes: tuple[int, ...] = (), placement=None) -> StepExecutables:
+    """Compiles every step ahead of time (with a `sharding.Placement`, for its mesh): the mixed
+    step for each chunk-region size in `chunk_sizes` (default: `shape`'s) and the decode-only
+    step for each size in `decode_sizes` (default: `shape`'s)."""
     num_global = shape.num_seqs
     prev = jax.ShapeDtypeStruct((num_global,), jnp.int32)
-    built = []
+    built = {}
 
     def build(s: AttentionShape):
+        if s in built:
+            return built[s], s
         fn = functools.partial(step_fn, model_cfg=model_cfg, layout=layout, shape=s,
-                               num_global_slots=num_global,
-                               backend=backend, interpret=interpret, num_top=num_top)
+                               global_chunk_seqs=shape.max_chunk_seqs,
+                               num_global_slots=num_global, backend=backend,
+                               interpret=interpret, num_top=num_top)
         shardings = {}
         if placement is not None:
             rep = placement.replicated
             cache_sh = KVCache(k=placement.cache, v=placement.cache)
             shardings = dict(in_shardings=(placement.params, cache_sh, rep, rep, rep),
                              out_shardings=(rep, cache_sh))
-        exe = jax.jit(fn, donate_argnums=(1,), **shardings).lower(
+        built[s] = jax.jit(fn, donate_argnums=(1,), **shardings).lower(
             params, cache, example_batch(s), prev, rope).compile()
-        built.append(s)
-        return exe
+        return built[s], s
 
-    mixed = build(shape)
-    # A shape with no chunk region is its own decode-only step: nothing more to build.
-    decode = mixed if shape == decode_shape else build(decode_shape)
-    return StepExecutables(mixed=mixed, decode_only=decode, mixed_shape=shape,
-                           decode_shape=decode_shape, count=len(built))
+    mixed = {b: build(dataclasses.replace(shape, chunk_tokens=b))
+             for b in (chunk_sizes or (shape.chunk_tokens,))} if shape.chunk_tokens else {}
+    decode = {d: build(dataclasses.replace(shape.decode_only(), num_decode_slots=d))
+              for d in (decode_sizes or (shape.num_decode_slots,))}
+    return StepExecutables(mixed=mixed, decode_only=decode, count=len(built))

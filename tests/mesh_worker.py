@@ -26,7 +26,8 @@ HF_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 96, "hidden_si
              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
              "num_key_value_heads": 4, "head_dim": 8, "max_position_embeddings": 64,
              "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
-OPTS = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4, num_pages=40,
+OPTS = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, chunk_buckets=1,
+            decode_buckets=1, max_decode_slots=3, page_size=4, num_pages=40,
             max_model_len=64, max_logprobs=3, weight_layout="hf")
 
 

@@ -93,3 +93,33 @@ def test_a_long_prompt_takes_the_budget_then_shares_it():
     mixed_rows = stats["mixed_slot_tokens"] - stats0["mixed_slot_tokens"]
     mixed_used = stats["mixed_scheduled_tokens"] - stats0["mixed_scheduled_tokens"]
     assert 0 < mixed_used <= mixed_rows
+
+
+def test_light_steps_run_in_the_smallest_compiled_shape():
+    # Buckets: chunk regions of 16, 8, 4 rows (each with the 3 decode rows) and decode-only
+    # steps of 2 and 3 rows. A 3-token prompt alone runs in the 4-row region, then decodes in
+    # the 2-row step; outputs equal the dense reference's whatever shape ran them.
+    llm = _llm(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4,
+               max_model_len=64)
+    assert llm.engine.cfg.chunk_bucket_sizes == (4, 8, 16)
+    assert llm.engine.cfg.decode_bucket_sizes == (2, 3)
+    assert llm.stats["executables_compiled"] == 5
+    rng = np.random.default_rng(9)
+    prompt = rng.integers(0, TINY.vocab_size, size=3).tolist()
+    first = len(llm.engine.step_log)
+    out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=3, temperature=0, ignore_eos=True))[0]
+    log = list(llm.engine.step_log)[first:]
+    assert [(r.kind, r.rows) for r in log] == [("mixed", 4 + 3), ("decode", 2), ("decode", 2)]
+    assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 3)
+    # Four prompts of 9 tokens: a 16-row region while two chunks share a step; every step in
+    # one of the compiled shapes.
+    prompts = [rng.integers(0, TINY.vocab_size, size=9).tolist() for _ in range(4)]
+    first = len(llm.engine.step_log)
+    outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=2, temperature=0, ignore_eos=True))
+    rows = {r.rows for r in list(llm.engine.step_log)[first:]}
+    assert 16 + 3 in rows and rows <= {2, 3, 4 + 3, 8 + 3, 16 + 3}
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == dense_greedy(TINY, tiny_params(), p, 2)
+    assert llm.stats["compiles_after_warmup"] == 0

@@ -13,7 +13,8 @@ from jaxserve import LLM, SamplingParams
 from jaxserve.attention import AttentionShape, attention_fn
 from pallas_kernels.testing import make_step_case
 
-CONFIG = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4, num_pages=40,
+CONFIG = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, chunk_buckets=1,
+              decode_buckets=1, max_decode_slots=3, page_size=4, num_pages=40,
               max_model_len=64)
 PROMPT_LENS = [1, 4, 8, 13, 19]
 

@@ -32,6 +32,10 @@ def define_engine_flags() -> None:
                          "Each chunk starts at a multiple of this many rows (1 = tight).")
     flags.DEFINE_integer("max_decode_slots", _E.max_decode_slots,
                          "Decode slots per step (= most sequences running at once).")
+    flags.DEFINE_integer("chunk_buckets", _E.chunk_buckets,
+                         "Chunk-region sizes compiled (halving from --chunk_size).")
+    flags.DEFINE_integer("decode_buckets", _E.decode_buckets,
+                         "Decode-step sizes compiled (halving from --max_decode_slots).")
     flags.DEFINE_integer("page_size", _E.page_size, "Tokens per KV-cache page.")
     flags.DEFINE_integer("num_pages", _E.num_pages, "KV-cache pages; 0 = enough for all slots.")
     flags.DEFINE_integer("max_model_len", _E.max_model_len,
