@@ -377,3 +377,58 @@ def test_chunk_rows_stop_at_a_corrupt_page_table():
     got = np.asarray(paged_attention_rows(q, k, v, row_slot=row_slot, row_len=row_len,
                                           page_table=table))
     assert np.all(np.isfinite(got))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size", [
+    (12, 4, 64, 16),   # the bench model: GQA 3 (decode rows: the vector kernel)
+    (4, 2, 8, 4),      # the tiny test model: head_dim 8 (decode rows: the scalar kernel)
+    (4, 4, 64, 16),    # MHA
+    (8, 2, 128, 8),    # GQA 4, head_dim 128
+    (6, 2, 48, 32),    # head_dim without a fast path, pages of 32
+    (16, 1, 32, 128),  # MQA: a group of 16 (blocks of 24 rows), pages past a key block
+])
+def test_a_row_is_bit_identical_whatever_shares_its_step(dtype, num_heads, num_kv_heads,
+                                                         head_dim, page_size):
+    # One row (the query of position p - 1 seeing p keys) computed alone (a decode row, or a
+    # prompt's last token alone in its step), at the end of runs of 2..17 rows of its
+    # sequence (one block, or a block then a remainder), at other row offsets, after another
+    # sequence's chunk: every output is bit-identical, for chunk rows and decode rows alike.
+    rng = np.random.default_rng(15)
+    contexts = [1, 2, 15, 16, 17, 63, 64, 65, 130, 333]
+    k, v, table = _paged_cache(rng, contexts + [90], page_size=page_size,
+                               kv_heads=num_kv_heads, head_dim=head_dim)
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    kc, vc = cast(k), cast(v)
+    q = cast(rng.standard_normal((len(contexts), 40, num_heads, head_dim)).astype(np.float32))
+    other = len(contexts)
+
+    def run(segments):
+        """segments: (slot, rows ending at its last position, padding rows before) -> the
+        output of each segment's last row."""
+        slot, length, qs, last = [], [], [], []
+        for s, n, pad in segments:
+            slot += [0] * pad
+            length += [0] * pad
+            qs += [jnp.zeros((pad, num_heads, head_dim), dtype)]
+            p = contexts[s] if s < other else 90
+            n = min(n, p)
+            slot += [s] * n
+            length += list(range(p - n + 1, p + 1))
+            qs += [q[s % other, 40 - n:] if s < other else q[0, :n]]
+            last.append(len(slot) - 1)
+        out = paged_attention_rows(jnp.concatenate(qs), kc, vc,
+                                   row_slot=np.asarray(slot, np.int32),
+                                   row_len=np.asarray(length, np.int32), page_table=table)
+        return np.asarray(out.astype(jnp.float32))[last]
+
+    alone = run([(s, 1, 0) for s in range(other)])
+    want = _numpy_attention(np.asarray(cast(q[:, -1:]), np.float32)[:, 0],
+                            np.asarray(kc, np.float32), np.asarray(vc, np.float32),
+                            np.arange(other), np.asarray(contexts), table)
+    tol = 2e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(alone, want, atol=tol, rtol=tol)
+    for n in range(1, 18):
+        for pad in (0, 1, 3):
+            got = run([(other, 5 + n, pad)] + [(s, n, pad) for s in range(other)])[1:]
+            np.testing.assert_array_equal(got, alone, err_msg=f"run of {n}, pad {pad}")

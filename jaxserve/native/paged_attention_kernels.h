@@ -110,218 +110,6 @@ inline vf16 load16(const uint16_t* p) {
   for (int i = 0; i < 16; ++i) v[i] = load(p + i);
   return v;
 }
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-inline float hsum16(vf16 v) {  // halves added pairwise, a fixed order (lane by lane it was slow)
-  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-// {hsum16(a0), hsum16(a1), hsum16(a2), hsum16(a3)}, bit for bit (the same additions), with
-// the four vectors' shuffles shared.
-inline vf4 hsum4x16(vf16 a0, vf16 a1, vf16 a2, vf16 a3) {
-  auto halves = [](vf16 x, vf16 y) {  // {x[0:8] + x[8:16], y[0:8] + y[8:16]}
-    return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
-                                   30, 31);
-  };
-  const vf16 x = halves(a0, a1), y = halves(a2, a3);
-  const vf16 b = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
-                                         26, 27) +
-                 __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
-                                         29, 30, 31);
-  const vf8 z = __builtin_shufflevector(b, b, 0, 1, 4, 5, 8, 9, 12, 13) +
-                __builtin_shufflevector(b, b, 2, 3, 6, 7, 10, 11, 14, 15);
-  return __builtin_shufflevector(z, z, 0, 2, 4, 6) + __builtin_shufflevector(z, z, 1, 3, 5, 7);
-}
-
-// A decode row's scores and P.V with the GB query vectors, the key or value vector and the GB
-// accumulators of one kv head in registers (GB * DH / 16 <= 16 vectors), kv head by kv head
-// over a page: the scalar loops kept the accumulators in memory and ran at ~1/3 the rate.
-template <int GB, int DH>
-constexpr bool kVecItem = DH > 0 && DH % 16 == 0 && GB * (DH / 16) <= 16;
-
-// Prefetches the `count` tokens' [token_stride] rows from `page` (null: none), one token's rows
-// per call with `t`: spread over a loop, so the loads of the next page overlap this one's math
-// (pages lie anywhere in the cache, so the hardware prefetchers never see them coming).
-template <typename T>
-inline void prefetch_token(const T* page, int64_t token_stride, int64_t t) {
-  if (!page) return;
-  const char* row = reinterpret_cast<const char*>(page + t * token_stride);
-  for (int64_t b = 0; b < token_stride * int64_t(sizeof(T)); b += 64) __builtin_prefetch(row + b);
-}
-
-// p[h, t] = q_h . k_t for the page's `count` tokens (page: the first token's kv head 0);
-// prefetches `then` (this page's values) meanwhile.
-template <int GB, int DH, typename T>
-inline void item_scores_vec(const float* qf, const T* page, int64_t token_stride, int64_t count,
-                            int64_t nkv, int64_t g_count, int64_t ps, float* p,
-                            const T* then) {
-  constexpr int C = DH / 16;
-  for (int64_t kv = 0; kv < nkv; ++kv) {
-    for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
-      const int64_t h0 = kv * g_count + gb0;
-      vf16 qv[GB][C];
-      for (int g = 0; g < GB; ++g)
-        for (int c = 0; c < C; ++c) qv[g][c] = load16(qf + (h0 + g) * DH + 16 * c);
-      auto dot = [&](int g, const vf16* kk) {
-        vf16 a = qv[g][0] * kk[0];
-        for (int c = 1; c < C; ++c) a += qv[g][c] * kk[c];
-        return a;
-      };
-      auto keys = [&](int64_t t, vf16* kk) {
-        if (kv == 0 && gb0 == 0) prefetch_token(then, token_stride, t);
-        const T* kp = page + t * token_stride + kv * DH;
-        for (int c = 0; c < C; ++c) kk[c] = load16(kp + 16 * c);
-      };
-      int64_t t = 0;
-      for (; t + 4 <= count; t += 4) {  // four tokens' sums reduced together
-        vf16 a[GB][4];
-        for (int j = 0; j < 4; ++j) {
-          vf16 kk[C];
-          keys(t + j, kk);
-          for (int g = 0; g < GB; ++g) a[g][j] = dot(g, kk);
-        }
-        for (int g = 0; g < GB; ++g) {
-          const vf4 r = hsum4x16(a[g][0], a[g][1], a[g][2], a[g][3]);
-          std::memcpy(p + (h0 + g) * ps + t, &r, sizeof r);
-        }
-      }
-      for (; t < count; ++t) {
-        vf16 kk[C];
-        keys(t, kk);
-        for (int g = 0; g < GB; ++g) p[(h0 + g) * ps + t] = hsum16(dot(g, kk));
-      }
-    }
-  }
-}
-
-// acc[h] += sum_t p[h, t] v_t over the page's `count` tokens; prefetches `then` (the next
-// page's keys, `then_count` tokens) meanwhile.
-template <int GB, int DH, typename T>
-inline void item_values_vec(const float* p, const T* page, int64_t token_stride, int64_t count,
-                            int64_t nkv, int64_t g_count, int64_t ps, float* acc,
-                            const T* then, int64_t then_count) {
-  constexpr int C = DH / 16;
-  for (int64_t kv = 0; kv < nkv; ++kv) {
-    for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
-      const int64_t h0 = kv * g_count + gb0;
-      vf16 a[GB][C];
-      for (int g = 0; g < GB; ++g)
-        for (int c = 0; c < C; ++c) a[g][c] = load16(acc + (h0 + g) * DH + 16 * c);
-      for (int64_t t = 0; t < count; ++t) {
-        if (kv == 0 && gb0 == 0 && t < then_count) prefetch_token(then, token_stride, t);
-        const T* vp = page + t * token_stride + kv * DH;
-        vf16 vv[C];
-        for (int c = 0; c < C; ++c) vv[c] = load16(vp + 16 * c);
-        for (int g = 0; g < GB; ++g) {
-          const float w = p[(h0 + g) * ps + t];
-          for (int c = 0; c < C; ++c) a[g][c] += w * vv[c];
-        }
-      }
-      for (int g = 0; g < GB; ++g)
-        for (int c = 0; c < C; ++c) std::memcpy(acc + (h0 + g) * DH + 16 * c, &a[g][c], 64);
-    }
-  }
-}
-
-// One work item: the query heads of kv heads [kvh0, kvh0 + nkv) of one row (a decode token)
-// attend to the row's keys, page by page with an online softmax. GB (a divisor of the GQA group)
-// and DH (head_dim; 0 = read it from d) are template constants so that each key and value
-// vector is loaded once for GB heads and the head_dim loops unroll into whole vectors (a
-// runtime head_dim made the dot products 2-3x slower).
-template <int GB, int DH, typename T>
-void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
-                 const Dims& d, int32_t slot, int32_t len, float scale, int64_t row, int64_t kvh0,
-                 int64_t nkv, T* out, float* scratch) {
-  // All kv heads in one item read whole pages in order (every kv head's slice of a token)
-  // rather than one kv head's strided slices: ~15% faster decode attention, measured.
-  const int64_t dh = DH ? DH : d.head_dim, ps = d.page_size;
-  const int64_t g_count = d.heads / d.kv_heads;  // GB divides it
-  const int64_t nh = nkv * g_count;  // query heads in this item
-  float* qf = scratch;            // [nh, Dh]
-  float* acc = qf + nh * dh;      // [nh, Dh]
-  float* p = acc + nh * dh;       // [nh, page] this page's scores, then weights
-  float* m = p + nh * ps;         // [nh] running max
-  float* l = m + nh;              // [nh] running sum
-  const int64_t head0 = kvh0 * g_count;
-  const T* row_q = q + (row * d.heads + head0) * dh;
-  start_queries<T>(nh, dh, scale, [&](int64_t h) { return row_q + h * dh; }, qf, acc, m, l);
-  const int64_t token_stride = d.kv_heads * dh;
-  for (int64_t start = 0; start < len; start += ps) {
-    const int64_t base = token_offset(d, page_table, layer, slot, start, kvh0);
-    if (base < 0) break;
-    const int64_t count = std::min<int64_t>(ps, len - start);
-    if constexpr (kVecItem<GB, DH>) {
-      item_scores_vec<GB, DH>(qf, kc + base, token_stride, count, nkv, g_count, ps, p,
-                              vc + base);
-    } else {
-      for (int64_t t = 0; t < count; ++t) {
-        for (int64_t kv = 0; kv < nkv; ++kv) {
-          const T* kp = kc + base + t * token_stride + kv * dh;
-          for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
-            for (int g = 0; g < GB; ++g) {
-              const int64_t h = kv * g_count + gb0 + g;
-              const float* qh = qf + h * dh;
-              float sh = 0.f;
-#pragma omp simd reduction(+ : sh)
-              for (int64_t x = 0; x < dh; ++x) sh += qh[x] * load(kp + x);
-              p[h * ps + t] = sh;
-            }
-          }
-        }
-      }
-    }
-    for (int64_t h = 0; h < nh; ++h) {
-      float* ph = p + h * ps;
-      float block_max = ph[0];
-      for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, ph[t]);
-      const float new_max = std::max(m[h], block_max);
-      // First page: m = -inf, correction 0 (l and acc are 0 anyway).
-      const float correction = start == 0 ? 0.f : softmax_exp(m[h] - new_max);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < count; ++t) {
-        ph[t] = softmax_exp(ph[t] - new_max);
-        sum += ph[t];
-      }
-      l[h] = l[h] * correction + sum;
-      m[h] = new_max;
-      if (correction != 1.f) {
-        float* ah = acc + h * dh;
-#pragma omp simd
-        for (int64_t x = 0; x < dh; ++x) ah[x] *= correction;
-      }
-    }
-    if constexpr (kVecItem<GB, DH>) {
-      const int64_t next = start + ps < len
-          ? token_offset(d, page_table, layer, slot, start + ps, kvh0) : -1;
-      item_values_vec<GB, DH>(p, vc + base, token_stride, count, nkv, g_count, ps, acc,
-                              next < 0 ? nullptr : kc + next,
-                              std::min<int64_t>(ps, len - start - ps));
-    } else {
-      for (int64_t t = 0; t < count; ++t) {
-        for (int64_t kv = 0; kv < nkv; ++kv) {
-          const T* vp = vc + base + t * token_stride + kv * dh;
-          for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
-            float w[GB];
-            for (int g = 0; g < GB; ++g) w[g] = p[(kv * g_count + gb0 + g) * ps + t];
-            float* a0 = acc + (kv * g_count + gb0) * dh;
-#pragma omp simd
-            for (int64_t x = 0; x < dh; ++x) {
-              const float v = load(vp + x);
-              for (int g = 0; g < GB; ++g) a0[g * dh + x] += w[g] * v;
-            }
-          }
-        }
-      }
-    }
-  }
-  T* row_out = out + (row * d.heads + head0) * dh;
-  finish_queries<T>(nh, dh, [&](int64_t h) { return row_out + h * dh; }, acc, l);
-}
-
 // ---- Chunk rows: GEMM-shaped blocks -------------------------------------------------------
 //
 // Rows that share a slot (a prefill chunk's tokens) are worked in blocks: up to 16 consecutive
@@ -646,6 +434,273 @@ inline int64_t block_scratch_floats(int64_t rows, int64_t g, int64_t dh) {
   return 2 * dh * ldq + 2 * kKeyBlock * dh + kKeyBlock * kMaxTQ * kLanes + dh;
 }
 
+// ---- Single rows (decode rows, and a chunk row alone in its run) ----------------------------
+//
+// One arithmetic for every row, whichever path computes it: a row alone gets, to the bit, what
+// its lane gets in attend_block, so that a prompt's row gives the same result alone in a step,
+// at the end of a run, or as a decode row (DESIGN: bit-identical whatever shares the step).
+// Per row and head that arithmetic is
+//   score_t = the FMA chain over x = 0, 1, ..., Dh-1 of (q[x] * scale) * k_t[x], from 0;
+//   per key block of kKeyBlock keys at absolute positions 0, 64, 128, ...: block max over its
+//   visible keys, new max, correction vexp(old - new) (0 for the first), weights
+//   vexp(score - new), their sum added key by key from 0, l = l * correction + sum,
+//   acc = (acc * correction) then the FMA chain over the block's keys of weight * v_t[x];
+//   out = acc * (1 / l) (zeros where l is 0).
+// attend_block computes it with queries in SIMD lanes. Here the row's scores are computed with
+// keys in the lanes: each 16-key group's keys are transposed (16 x 16 shuffles) so that one FMA
+// per dimension advances 16 keys' chains, with each query element broadcast; P.V runs over
+// dimensions in lanes (each output element's chain over keys, as in attend_block).
+
+// Sixteen keys' 16 floats (rows[i] = key i) transposed in place: r[x][i] = key i's element x.
+// Four stages, each exchanging the off-diagonal blocks of size 8, 4, 2, 1.
+inline void transpose16(vf16* r) {
+#define JAXSERVE_STAGE(B, ...)                                                 \
+  for (int i = 0; i < 16; ++i)                                                \
+    if (!(i & B)) {                                                           \
+      const vf16 a = r[i], b = r[i + B];                                      \
+      r[i] = __builtin_shufflevector(a, b, __VA_ARGS__);                      \
+      r[i + B] = __builtin_shufflevector(a, b, JAXSERVE_HI_##B);              \
+    }
+#define JAXSERVE_HI_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define JAXSERVE_HI_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define JAXSERVE_HI_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define JAXSERVE_HI_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+  JAXSERVE_STAGE(8, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+  JAXSERVE_STAGE(4, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+  JAXSERVE_STAGE(2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+  JAXSERVE_STAGE(1, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+#undef JAXSERVE_STAGE
+#undef JAXSERVE_HI_8
+#undef JAXSERVE_HI_4
+#undef JAXSERVE_HI_2
+#undef JAXSERVE_HI_1
+}
+
+inline vf16 opaque16(vf16 v) {  // opaque() for 16 floats
+#if defined(__AVX512F__)
+  __asm__("" : "+v"(v));
+#else
+  VecF parts[sizeof(vf16) / sizeof(VecF)];
+  std::memcpy(parts, &v, sizeof v);
+  for (auto& part : parts) part = opaque(part);
+  std::memcpy(&v, parts, sizeof v);
+#endif
+  return v;
+}
+
+// a * b + c rounded as the vector code's `acc += a * b` is: fused where the target has FMA
+// (GCC contracts the vector statements there), else two roundings.
+inline float fma_like(float a, float b, float c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return opaque(vsplat(a) * b)[0] + c;
+#endif
+}
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
+}
+
+// The fast path's constants: DH a multiple of 16; P.V keeps GV heads' DH / 16 accumulator
+// vectors in registers (GV a divisor of GB, GV * DH / 16 <= 16).
+template <int DH>
+constexpr bool kVecItem = DH > 0 && DH % 16 == 0;
+template <int GB, int DH>
+constexpr int kValueHeads = GB * (DH / 16) <= 16 ? GB : GB % 2 == 0 && DH / 16 <= 8 ? 2 : 1;
+
+// p[h][t] (row stride kKeyBlock) for the block's `count` keys (off[t]: key t's kv head 0 in the
+// cache), NG 16-key groups at a time: each group transposed to kt, then GB heads' 16-lane
+// chains advanced together (GB * NG independent FMA chains). Prefetches the values meanwhile.
+template <int GB, int DH, int NG, typename T>
+inline void item_scores_vec(const float* qf, const T* kc, const T* vc, const int64_t* off,
+                            int64_t count, int64_t token_stride, int64_t nkv, int64_t g_count,
+                            float* p, float* kt, int64_t t0) {
+  constexpr int C = DH / 16;
+  static const T zeros[DH] = {};
+  for (int64_t kv = 0; kv < nkv; ++kv) {
+    for (int grp = 0; grp < NG; ++grp) {
+      for (int c = 0; c < C; ++c) {
+        vf16 r[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t t = t0 + grp * 16 + i;
+          r[i] = load16((t < count ? kc + off[t] + kv * DH : zeros) + 16 * c);
+        }
+        transpose16(r);
+        for (int x = 0; x < 16; ++x)
+          std::memcpy(kt + ((grp * DH) + 16 * c + x) * 16, &r[x], sizeof(vf16));
+      }
+      if (kv == 0)
+        for (int i = 0; i < 16; ++i) {
+          const int64_t t = t0 + grp * 16 + i;
+          if (t < count) prefetch_row(vc + off[t], token_stride * int64_t(sizeof(T)));
+        }
+    }
+    for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
+      const int64_t h0 = kv * g_count + gb0;
+      vf16 acc[GB][NG];
+      for (int g = 0; g < GB; ++g)
+        for (int grp = 0; grp < NG; ++grp) acc[g][grp] = vf16{};
+      for (int x = 0; x < DH; ++x) {
+        vf16 kx[NG];
+        for (int grp = 0; grp < NG; ++grp) kx[grp] = load16(kt + (grp * DH + x) * 16);
+        for (int g = 0; g < GB; ++g) {
+          const float qx = qf[(h0 + g) * DH + x];
+          for (int grp = 0; grp < NG; ++grp) acc[g][grp] += qx * kx[grp];
+        }
+      }
+      for (int g = 0; g < GB; ++g)
+        for (int grp = 0; grp < NG; ++grp)
+          std::memcpy(p + (h0 + g) * kKeyBlock + t0 + grp * 16, &acc[g][grp], sizeof(vf16));
+    }
+  }
+}
+
+// acc[h] = acc[h] * corr[h] + sum_t p[h][t] v_t over the block's `count` keys; prefetches the
+// next block's keys (next[t], next_count of them) meanwhile.
+template <int GV, int DH, typename T>
+inline void item_values_vec(const float* p, const T* vc, const int64_t* off, int64_t count,
+                            int64_t nkv, int64_t g_count, const float* corr, float* acc,
+                            const T* kc, const int64_t* next, int64_t next_count,
+                            int64_t token_stride) {
+  constexpr int C = DH / 16;
+  for (int64_t kv = 0; kv < nkv; ++kv) {
+    for (int64_t gb0 = 0; gb0 < g_count; gb0 += GV) {
+      const int64_t h0 = kv * g_count + gb0;
+      vf16 a[GV][C];
+      for (int g = 0; g < GV; ++g)
+        for (int c = 0; c < C; ++c)
+          a[g][c] = opaque16(load16(acc + (h0 + g) * DH + 16 * c) * corr[h0 + g]);
+      for (int64_t t = 0; t < count; ++t) {
+        if (kv == 0 && gb0 == 0 && t < next_count)
+          prefetch_row(kc + next[t], token_stride * int64_t(sizeof(T)));
+        const T* vp = vc + off[t] + kv * DH;
+        vf16 vv[C];
+        for (int c = 0; c < C; ++c) vv[c] = load16(vp + 16 * c);
+        for (int g = 0; g < GV; ++g) {
+          const float w = p[(h0 + g) * kKeyBlock + t];
+          for (int c = 0; c < C; ++c) a[g][c] += w * vv[c];
+        }
+      }
+      for (int g = 0; g < GV; ++g)
+        for (int c = 0; c < C; ++c) std::memcpy(acc + (h0 + g) * DH + 16 * c, &a[g][c], 64);
+    }
+  }
+}
+
+// The cache offsets (kv head 0) of keys [start, start + want) of `slot`, page by page; returns
+// how many there are (fewer at a page index outside the cache: nothing is read past it).
+inline int64_t key_offsets(const Dims& d, const int32_t* page_table, int64_t layer, int32_t slot,
+                           int64_t start, int64_t want, int64_t* off) {
+  const int64_t token_stride = d.kv_heads * d.head_dim;
+  int64_t count = 0;
+  while (count < want) {
+    const int64_t o = token_offset(d, page_table, layer, slot, start + count, 0);
+    if (o < 0) break;
+    const int64_t n = std::min(want - count, d.page_size - (start + count) % d.page_size);
+    for (int64_t t = 0; t < n; ++t, ++count) off[count] = o + t * token_stride;
+  }
+  return count;
+}
+
+// One row with all its heads attends to its first `len` keys (see above for the arithmetic).
+// GB (a divisor of the GQA group) and DH (head_dim; 0 = read it from d) are template constants
+// so that the fast path's loops unroll into whole vectors held in registers.
+template <int GB, int DH, typename T>
+void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table, int64_t layer,
+                 const Dims& d, int32_t slot, int32_t len, float scale, int64_t row, T* out,
+                 float* scratch) {
+  constexpr int KB = kKeyBlock;
+  const int64_t dh = DH ? DH : d.head_dim;
+  const int64_t g_count = d.heads / d.kv_heads;  // GB divides it
+  const int64_t nh = d.heads, nkv = d.kv_heads;
+  int64_t* off = reinterpret_cast<int64_t*>(scratch);  // [KB] this block's keys' offsets
+  int64_t* next = off + KB;                               // [KB] the next block's
+  float* qf = scratch + 4 * KB;   // [nh, Dh]
+  float* acc = qf + nh * dh;      // [nh, Dh]
+  float* p = acc + nh * dh;       // [nh, KB] this block's scores, then weights
+  float* kt = p + nh * KB;        // [2][Dh][16] two key groups transposed (the fast path)
+  float* m = kt + 32 * dh;        // [nh] running max
+  float* l = m + nh;              // [nh] running sum
+  float* corr = l + nh;           // [nh] this block's correction
+  const T* row_q = q + row * nh * dh;
+  start_queries<T>(nh, dh, scale, [&](int64_t h) { return row_q + h * dh; }, qf, acc, m, l);
+  const int64_t token_stride = nkv * dh;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  int64_t count = key_offsets(d, page_table, layer, slot, 0, std::min<int64_t>(KB, len), off);
+  for (int64_t start = 0; start < len && count > 0; start += KB) {
+    if constexpr (kVecItem<DH>) {
+      const int64_t ng = (count + 15) / 16;
+      for (int64_t t0 = 0; t0 < ng * 16; t0 += 32) {  // two groups (32 keys) per pass
+        if (ng * 16 - t0 >= 32)
+          item_scores_vec<GB, DH, 2>(qf, kc, vc, off, count, token_stride, nkv, g_count, p, kt,
+                                     t0);
+        else
+          item_scores_vec<GB, DH, 1>(qf, kc, vc, off, count, token_stride, nkv, g_count, p, kt,
+                                     t0);
+      }
+    } else {
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t h = 0; h < nh; ++h) {
+          const T* kp = kc + off[t] + (h / g_count) * dh;
+          const float* qh = qf + h * dh;
+          float s = 0.f;
+          for (int64_t x = 0; x < dh; ++x) s = fma_like(qh[x], load(kp + x), s);
+          p[h * KB + t] = s;
+        }
+      }
+    }
+    // The online softmax, lane by lane as tile_step does it (the same vector expressions).
+    for (int64_t h = 0; h < nh; ++h) {
+      float* ph = p + h * KB;
+      float block_max = neg_inf;
+      for (int64_t t = 0; t < count; ++t) block_max = block_max > ph[t] ? block_max : ph[t];
+      const VecF old_max = vsplat(m[h]);
+      const VecF new_max = vmax(old_max, vsplat(block_max));
+      corr[h] = m[h] == neg_inf ? 0.f : vexp(old_max - new_max)[0];
+      for (int64_t t = 0; t < count; t += kLanes) vstore(ph + t, vexp(vload(ph + t) - new_max));
+      float sum = 0.f;
+      for (int64_t t = 0; t < count; ++t) sum += ph[t];
+      l[h] = (vsplat(l[h]) * vsplat(corr[h]) + vsplat(sum))[0];
+      m[h] = new_max[0];
+    }
+    // The next block's keys: prefetched while this block's values are read.
+    const int64_t next_count =
+        start + KB < len && count == KB
+            ? key_offsets(d, page_table, layer, slot, start + KB,
+                          std::min<int64_t>(KB, len - start - KB), next)
+            : 0;
+    if constexpr (kVecItem<DH>) {
+      item_values_vec<kValueHeads<GB, DH>, DH>(p, vc, off, count, nkv, g_count, corr, acc, kc,
+                                               next, next_count, token_stride);
+    } else {
+      for (int64_t h = 0; h < nh; ++h) {
+        float* ah = acc + h * dh;
+        for (int64_t x = 0; x < dh; ++x) ah[x] = opaque(vsplat(ah[x]) * vsplat(corr[h]))[0];
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        for (int64_t h = 0; h < nh; ++h) {
+          const T* vp = vc + off[t] + (h / g_count) * dh;
+          const float w = p[h * KB + t];
+          float* ah = acc + h * dh;
+#pragma omp simd
+          for (int64_t x = 0; x < dh; ++x) ah[x] = fma_like(w, load(vp + x), ah[x]);
+        }
+      }
+    }
+    if (count < KB) break;  // the row's last keys, or a page index outside the cache
+    std::swap(off, next);
+    count = next_count;
+  }
+  T* row_out = out + row * nh * dh;
+  finish_queries<T>(nh, dh, [&](int64_t h) { return row_out + h * dh; }, acc, l);
+}
+
+// Scratch floats attend_item needs (from a vector-aligned start: the offsets come first).
+inline int64_t item_scratch_floats(const Dims& d) {
+  return 4 * kKeyBlock + d.heads * (2 * d.head_dim + kKeyBlock + 3) + 32 * d.head_dim;
+}
+
 // Runs fn(i) for every i in [0, total), in parallel where it can; returns when all are done.
 using ParallelFor = std::function<void(int64_t total, const std::function<void(int64_t)>& fn)>;
 
@@ -681,8 +736,9 @@ void attend_rows(const T* qp, const T* kp, const T* vp, const int32_t* slots,
     r += nb;
   }
   // Per thread: attend_block's transposed queries and accumulators, key and value blocks and
-  // one tile's scores; attend_item's [heads, Dh] queries, accumulators + [heads, page] scores.
-  const int64_t item_scratch = d.heads * (2 * d.head_dim + d.page_size + 2);
+  // one tile's scores; attend_item's [heads, Dh] queries and accumulators, [heads, key block]
+  // scores, transposed keys and key offsets.
+  const int64_t item_scratch = item_scratch_floats(d);
   const int64_t scratch_size =
       std::max(block_scratch_floats(brows, gh, d.head_dim), item_scratch) + kLanes;
   // Work items: a chunk block times gh heads of one kv head, or a single row with all heads.
@@ -717,7 +773,7 @@ void attend_rows(const T* qp, const T* kp, const T* vp, const int32_t* slots,
     auto item = [&](auto gb_tag) {
       with_dh([&](auto dh_tag) {
         attend_item<decltype(gb_tag)::value, decltype(dh_tag)::value>(
-            qp, kp, vp, table, lyr, d, slot, len[row], scale, row, 0, d.kv_heads, op, sc);
+            qp, kp, vp, table, lyr, d, slot, len[row], scale, row, op, sc);
       });
     };
     switch (gb) {
