@@ -11,7 +11,8 @@ JSON shape (times in seconds after the run's start, latencies in ms):
              "duration_s", "request_throughput_req_s", "output_throughput_tok_s",
              "total_throughput_tok_s", "useful_token_fraction", "executables_compiled",
              "compiles_after_warmup", "goodput": {...} | null, "roofline": {...},
-             "steps": [{"kind", "start_s", "end_s", "scheduled_tokens", "sampled"}], "stats"}],
+             "steps": [{"kind", "start_s", "end_s", "scheduled_tokens", "slot_tokens",
+                        "sampled"}], "stats"}],
    "comparison": {metric: chunked / unchunked} (with --compare_chunking),
    "peer": {...} (with --peer; vllm: {"name": "vllm", "vllm_version", "startup_s",
             "prefix_caching": false, "arrivals", "env", "run": {the throughput / latency
@@ -94,7 +95,8 @@ def run_json(mode: str, engine_cfg, result: RunResult, roofline: dict,
         "startup_compile_s": st["startup_compile_s"],
         "goodput": goodput, "roofline": roofline,
         "steps": [{"kind": x.kind, "start_s": x.start_s, "end_s": x.end_s,
-                   "scheduled_tokens": x.scheduled_tokens, "sampled": x.sampled}
+                   "scheduled_tokens": x.scheduled_tokens, "slot_tokens": x.slot_tokens,
+                   "sampled": x.sampled}
                   for x in result.steps],
         "stats": {k: v for k, v in st.items() if isinstance(v, (int, float, str))},
         "groups": groups_json(requests, result.wall_s),

@@ -56,7 +56,7 @@ class RunResult:
 
 
 _COUNTS = ("steps", "mixed_steps", "decode_steps", "scheduled_tokens", "slot_tokens",
-           "preemptions")
+           "mixed_scheduled_tokens", "mixed_slot_tokens", "preemptions")
 
 
 def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: bool = True,
@@ -131,6 +131,9 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
     stats.update({k: after[k] - before[k] for k in _COUNTS})
     stats["useful_token_fraction"] = (
         stats["scheduled_tokens"] / stats["slot_tokens"] if stats["slot_tokens"] else 0.0)
+    stats["mixed_useful_token_fraction"] = (
+        stats["mixed_scheduled_tokens"] / stats["mixed_slot_tokens"]
+        if stats["mixed_slot_tokens"] else 0.0)
     missing = [i for i in ids if i not in outputs]
     assert not missing, f"requests never finished: {missing[:5]}"
     ordered = sorted(requests, key=lambda r: outputs[r.id].metrics.arrival_time)
