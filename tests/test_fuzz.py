@@ -70,15 +70,6 @@ def request(draw):
     return ids, params, bad, arrive, abort
 
 
-def close(a, b, tol=1e-5) -> bool:
-    if a is None or b is None:
-        return a is b
-    return len(a) == len(b) and all(
-        (x is None and y is None) or (x is not None and y is not None and x.keys() == y.keys()
-                                      and all(abs(x[k] - y[k]) <= tol for k in x))
-        for x, y in zip(a, b))
-
-
 _ROOMY: dict = {}
 STATS = {"requests": 0, "valid": 0, "invalid": 0, "aborted": 0, "preemptions": 0}
 
@@ -145,10 +136,8 @@ def test_random_request_mixes(engines, mix):
         got = outs[0]
         assert (got.token_ids, got.text, got.finish_reason) == (
             ref.token_ids, ref.text, ref.finish_reason), (rid, params)
-        # Tokens are exact; logprobs within float32 rounding: the native CPU attention kernel is
-        # not yet bit-identical whatever shares the step (see the xfail test below).
-        assert close(got.logprobs, ref.logprobs) and close(got.prompt_logprobs,
-                                                            ref.prompt_logprobs), rid
+        # Bit-identical: a row's result does not depend on what shares its step (DESIGN).
+        assert (got.logprobs, got.prompt_logprobs) == (ref.logprobs, ref.prompt_logprobs), rid
     STATS["requests"] += len(mix)
     STATS["invalid"] += len(refused)
     STATS["aborted"] += sum(aborted.values())
@@ -163,11 +152,7 @@ def test_the_fuzz_covered_what_it_claims():
     assert STATS["invalid"] >= 100 and STATS["aborted"] >= 20 and STATS["preemptions"] >= 20, STATS
 
 
-@pytest.mark.parametrize("attention", [
-    "xla", pytest.param("cpu", marks=pytest.mark.xfail(
-        reason="native CPU attention: a row's logprob changes in the last bits with what else "
-               "is packed in the step (found by this fuzz; DESIGN promises bit-identity)",
-        strict=False))])
+@pytest.mark.parametrize("attention", ["xla", "cpu"])
 def test_logprobs_bit_identical_whatever_shares_the_step(attention):
     options = dict(OPTIONS, attention=attention)
     eng = LLM.from_params(TINY, tiny_params(), **options).engine
