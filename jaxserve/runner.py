@@ -138,7 +138,7 @@ class Runner:
         """Runs each executable once on an empty batch (it writes only the trash page), so
         first-use work in the runtime happens at start-up, not in the first served step."""
         for exe, shape in self.executables.all():
-            jax.block_until_ready(self._run(exe, example_batch(shape)))
+            jax.block_until_ready(self.run(exe, example_batch(shape)))
 
     @property
     def executables_compiled(self) -> int:
@@ -151,9 +151,6 @@ class Runner:
     def run(self, exe, batch: StepBatch) -> StepOutput:
         """Dispatches one step (asynchronously) on `exe` (from `pick`): the cache is updated in
         place and the sampled tokens stay on the device for the next step's reads."""
-        return self._run(exe, batch)
-
-    def _run(self, exe, batch: StepBatch) -> StepOutput:
         out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens, self._rope)
         self._prev_tokens = out.next_tokens
         return out
