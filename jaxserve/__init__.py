@@ -1,6 +1,6 @@
 """jaxserve: an LLM inference engine in JAX with chunked prefill and continuous batching."""
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "RequestOutput", "RollingScoreOutput", "SamplingParams", "ScoreOutput"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,7 @@ def __getattr__(name: str):
     if name == "SamplingParams":
         from jaxserve.sampling_params import SamplingParams
         return SamplingParams
+    if name in ("ScoreOutput", "RollingScoreOutput"):
+        from jaxserve import scoring
+        return getattr(scoring, name)
     raise AttributeError(f"module 'jaxserve' has no attribute {name!r}")

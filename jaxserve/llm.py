@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
+import time
 from typing import Sequence as Seq
 
 import numpy as np
@@ -14,7 +16,10 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine import Engine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.scoring import RollingScoreOutput, ScoreOutput, ScoreSummary
 from jaxserve.validation import is_integer
+
+log = logging.getLogger(__name__)
 
 DEMO_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 
@@ -48,11 +53,11 @@ def load_params(path: str, checkpoint: str | None, cfg: EngineConfig, *,
                       allow_nonfinite=allow_nonfinite_weights)
 
 
-def run_to_completion(engine: Engine, total: int, *, progress: bool = True, **tqdm_kwargs
-                      ) -> dict[str, RequestOutput]:
+def run_to_completion(engine: Engine, total: int, *, progress: bool = True,
+                      desc: str = "generate", **tqdm_kwargs) -> dict[str, RequestOutput]:
     """Steps `engine` until nothing is left; the finished outputs by request id."""
     done: dict[str, RequestOutput] = {}
-    with tqdm(total=total, disable=not progress, desc="generate", unit="req",
+    with tqdm(total=total, disable=not progress, desc=desc, unit="req",
               **tqdm_kwargs) as bar:
         while engine.has_unfinished():
             for out in engine.step():
@@ -84,6 +89,7 @@ class LLM:
         self.model_path = path
         self.engine = Engine(model_cfg, params, cfg, tokenizer, strict_compiles=strict_compiles)
         self._ids = itertools.count()
+        self.last_score_summary: ScoreSummary | None = None
 
     @classmethod
     def from_params(cls, model_cfg: ModelConfig, params, tokenizer=None, *,
@@ -94,6 +100,7 @@ class LLM:
         self.engine = Engine(model_cfg, params, engine_config(**engine_options), tokenizer,
                              strict_compiles=strict_compiles)
         self._ids = itertools.count()
+        self.last_score_summary = None
         return self
 
     @property
@@ -143,3 +150,107 @@ class LLM:
         elif len(prompt_token_ids) and is_integer(prompt_token_ids[0]):
             prompt_token_ids = [prompt_token_ids]
         return [None] * len(prompt_token_ids), list(prompt_token_ids)
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def score(self, requests, *, use_tqdm: bool = True) -> list[ScoreOutput]:
+        """The log-likelihood of each `(context, continuation)` request (two strings, or two
+        token-id lists; one pair alone is fine too), in input order.
+
+        Text is tokenized like lm-eval (see `jaxserve.scoring`); an empty context stands as
+        the BOS (else EOS) token. A ValueError naming the request and the bad value, before
+        anything runs: an empty continuation, context + continuation over `max_model_len - 1`
+        tokens, an item that is not a pair of strings or of token-id lists.
+
+        Each request is an engine request asking prompt logprobs (`scoring.SCORE_PARAMS`). Two
+        later optimisations: with prefix caching, a request that asks prompt logprobs does not
+        use the cache yet (its context is computed again), and the engine computes logits over
+        the vocabulary for every prompt row of such a request, not only the continuation's.
+        The run's counts and time are in `last_score_summary`.
+        """
+        from jaxserve import scoring
+
+        if _is_one_pair(requests):
+            requests = [requests]
+        tok, max_len = self.tokenizer, self.engine.cfg.max_model_len
+        prefix = scoring.prefix_token_id(tok, self.engine.model_cfg.eos_token_ids)
+        vocab = self.engine.model_cfg.vocab_size
+        pairs, windows = [], []
+        for i, req in enumerate(requests):
+            ctx, cont = scoring.encode_pair(f"requests[{i}]", req, tok, prefix, vocab)
+            pairs.append((ctx, cont))
+            windows.append(scoring.pair_window(f"requests[{i}]", ctx, cont, max_len))
+        outs, wall = self._run_windows(windows, "score", use_tqdm)
+        results = [scoring.pair_output(o, w, ctx, cont)
+                   for o, w, (ctx, cont) in zip(outs, windows, pairs)]
+        self._summarize(len(results), windows, sum(len(c) for _, c in pairs), wall)
+        return results
+
+    def score_rolling(self, documents, *, use_tqdm: bool = True) -> list[RollingScoreOutput]:
+        """The log-likelihood of each whole document (a string, encoded without BOS, or a
+        token-id list), in input order, for perplexity: lm-eval's `loglikelihood_rolling`.
+
+        Documents longer than a window (`max_model_len - 1` tokens) are scored in several, each
+        token exactly once (`jaxserve.scoring.rolling_windows`); length is never an error. The
+        first token is predicted from the BOS token (else the EOS); a model with neither
+        scores every token but the first. Caching and logits: as in `score`.
+        """
+        from jaxserve import scoring
+
+        if isinstance(documents, str) or _is_ids(documents):
+            documents = [documents]
+        tok, max_len = self.tokenizer, self.engine.cfg.max_model_len
+        prefix = scoring.prefix_token_id(tok, self.engine.model_cfg.eos_token_ids)
+        vocab = self.engine.model_cfg.vocab_size
+        docs, per_doc = [], []
+        for i, doc in enumerate(documents):
+            ids = scoring.encode_document(f"documents[{i}]", doc, tok, vocab)
+            docs.append(ids)
+            per_doc.append(scoring.rolling_windows(ids, prefix, max_len))
+        windows = [w for ws in per_doc for w in ws]
+        outs, wall = self._run_windows(windows, "score_rolling", use_tqdm)
+        results, at = [], 0
+        for ids, ws in zip(docs, per_doc):
+            results.append(scoring.rolling_output(outs[at:at + len(ws)], ws, ids))
+            at += len(ws)
+        self._summarize(len(results), windows, sum(r.num_tokens for r in results), wall)
+        return results
+
+    def _run_windows(self, windows, desc: str, use_tqdm: bool
+                     ) -> tuple[list[RequestOutput], float]:
+        """Runs one engine request per window (all or nothing on a refused one)."""
+        from jaxserve.scoring import SCORE_PARAMS
+
+        t0 = time.perf_counter()
+        request_ids = [f"{desc}-{next(self._ids)}" for _ in windows]
+        added = []
+        try:
+            for rid, w in zip(request_ids, windows):
+                self.engine.add_request(rid, w.token_ids, SCORE_PARAMS)
+                added.append(rid)
+        except Exception:
+            for rid in added:
+                self.engine.abort(rid)
+            raise
+        done = run_to_completion(self.engine, len(windows), progress=use_tqdm, desc=desc)
+        return [done[rid] for rid in request_ids], time.perf_counter() - t0
+
+    def _summarize(self, n: int, windows, scored: int, wall: float) -> None:
+        self.last_score_summary = ScoreSummary(
+            requests=n, engine_requests=len(windows), tokens_scored=scored,
+            tokens_computed=sum(len(w.token_ids) for w in windows), wall_s=wall)
+        log.info("scored %d request(s), %d token(s) in %.2f s", n, scored, wall)
+
+
+def _is_ids(x) -> bool:
+    return (isinstance(x, np.ndarray) and x.ndim == 1) or (
+        isinstance(x, (list, tuple)) and len(x) > 0 and is_integer(x[0]))
+
+
+def _is_one_pair(x) -> bool:
+    """One (context, continuation) request rather than a list of them (a request in the list
+    is never a string or a token id, so this cannot misread a list)."""
+    ids = lambda p: isinstance(p, np.ndarray) or (  # noqa: E731
+        isinstance(p, (list, tuple)) and all(is_integer(t) for t in p))
+    return (isinstance(x, (tuple, list)) and len(x) == 2
+            and (all(isinstance(p, str) for p in x) or all(ids(p) for p in x)))

@@ -1,0 +1,151 @@
+"""LLM.score and LLM.score_rolling against the dense reference (issue 12, items 3 and 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_helpers import TINY, char_tokenizer, dense_greedy, dense_logprobs, tiny_params
+from jaxserve.llm import LLM
+from jaxserve.scoring import Window, rolling_windows
+
+MAX_LEN = 16  # short, so that documents run over several windows
+EOS = TINY.eos_token_ids[0]  # the prefix token: the char tokenizer has no BOS and no EOS
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM.from_params(TINY, tiny_params(), char_tokenizer(), strict_compiles=True,
+                           chunk_size=8, max_chunk_seqs=2, chunk_align=2, max_decode_slots=2,
+                           page_size=4, max_model_len=MAX_LEN, max_logprobs=2)
+
+
+def _dense(ids: list[int]) -> np.ndarray:
+    """Logprob of ids[i] given ids[:i], for i >= 1 (index 0 unused)."""
+    lp = dense_logprobs(TINY, tiny_params(), ids)
+    return np.array([0.0] + [lp[i - 1, ids[i]] for i in range(1, len(ids))])
+
+
+def _pairs(n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        c = int(rng.integers(1, 9))
+        k = int(rng.integers(1, MAX_LEN - c))
+        out.append((rng.integers(0, TINY.vocab_size, c).tolist(),
+                    rng.integers(0, TINY.vocab_size, k).tolist()))
+    return out
+
+
+def test_score_matches_the_dense_reference_in_input_order(llm):
+    pairs = _pairs(12)
+    outs = llm.score(pairs, use_tqdm=False)
+    assert len(outs) == len(pairs)
+    for (ctx, cont), out in zip(pairs, outs):
+        ref = _dense(ctx + cont)[len(ctx):]
+        assert out.context_token_ids == ctx and out.continuation_token_ids == cont
+        np.testing.assert_allclose(out.token_logprobs, ref, atol=1e-4)
+        assert abs(out.loglik - ref.sum()) < 1e-4
+        argmax = dense_logprobs(TINY, tiny_params(), ctx + cont).argmax(-1)
+        greedy = all(argmax[len(ctx) + i - 1] == t for i, t in enumerate(cont))
+        assert out.is_greedy == greedy
+    s = llm.last_score_summary
+    assert (s.requests, s.tokens_scored) == (12, sum(len(c) for _, c in pairs))
+    # One pair alone is a request, not a list of them; the order does not change a score.
+    one = llm.score(pairs[3], use_tqdm=False)
+    assert len(one) == 1 and abs(one[0].loglik - outs[3].loglik) < 1e-5
+    rev = llm.score(pairs[::-1], use_tqdm=False)
+    np.testing.assert_allclose([o.loglik for o in rev[::-1]], [o.loglik for o in outs],
+                               atol=1e-5)
+
+
+def test_is_greedy_exactly_when_every_token_is_the_argmax(llm):
+    ctx = [5, 17, 42, 8]
+    cont = dense_greedy(TINY, tiny_params(), ctx, 6)
+    lp = dense_logprobs(TINY, tiny_params(), ctx + cont)
+    wrong = list(cont)
+    wrong[3] = int(np.argsort(lp[len(ctx) + 2])[-2])  # the runner-up at that position
+    suffix_wrong = cont[:5] + [int(np.argmin(lp[len(ctx) + 4]))]
+    greedy, bad, bad_last = llm.score([(ctx, cont), (ctx, wrong), (ctx, suffix_wrong)],
+                                      use_tqdm=False)
+    assert greedy.is_greedy and not bad.is_greedy and not bad_last.is_greedy
+    assert llm.score([(ctx, cont[:1])], use_tqdm=False)[0].is_greedy
+
+
+def test_text_pairs_tokenize_like_lm_eval(llm):
+    tok = llm.tokenizer
+    # The context's trailing spaces move to the continuation; no BOS anywhere (this tokenizer
+    # has none); an empty context becomes the prefix token (here the model's EOS).
+    out, empty = llm.score([("f(x):  ", "x+1"), ("", "ab")], use_tqdm=False)
+    assert out.context_token_ids == tok.encode("f(x):")
+    assert out.continuation_token_ids == tok.encode("  x+1")
+    ids = out.context_token_ids + out.continuation_token_ids
+    assert abs(out.loglik - _dense(ids)[len(out.context_token_ids):].sum()) < 1e-4
+    assert empty.context_token_ids == [EOS]
+    assert abs(empty.loglik - _dense([EOS] + tok.encode("ab"))[1:].sum()) < 1e-4
+
+
+@pytest.mark.parametrize("request_, message", [
+    (([1, 2], []), r"requests\[0\]: the continuation \[\] is empty"),
+    (("abc", ""), r"requests\[0\]: the continuation is empty \(context='abc'\)"),
+    (([1] * 10, [2] * 6), r"requests\[0\]: context \+ continuation is 16 tokens \(10 \+ 6\); "
+                          r"max_model_len=16 scores at most 15"),
+    (("abc", [1, 2]), "must both be strings or both token-id lists, got str and list"),
+    (([1, "x"], [2]), r"requests\[0\] context\[1\]='x' is not a token id"),
+    (([1, 2], [500]), r"continuation\[0\]: token id 500 is outside the vocabulary"),
+    (([1.5], [2]), r"context\[0\]=1.5 is not a token id"),
+])
+def test_bad_requests_are_refused_naming_the_value(llm, request_, message):
+    with pytest.raises(ValueError, match=message):
+        llm.score([request_], use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
+def test_a_bad_request_among_good_ones_runs_nothing(llm):
+    with pytest.raises(ValueError, match=r"requests\[1\]=3 must be a \(context, continuation\)"):
+        llm.score([([4, 5], [6]), 3], use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
+def test_rolling_windows_are_lm_evals():
+    # lm-eval's own test (get_rolling_token_windows, max_seq_len=10, context_len=1): windows of
+    # 10 inputs are requests of 11 tokens, so max_model_len=12 here.
+    windows = rolling_windows(list(range(34)), -100, max_model_len=12)
+    assert windows == [
+        Window([-100] + list(range(10)), 10), Window(list(range(9, 20)), 10),
+        Window(list(range(19, 30)), 10), Window(list(range(23, 34)), 4)]
+    for n in range(0, 60):
+        for prefix in (None, -1):
+            ws = rolling_windows(list(range(n)), prefix, max_model_len=9)
+            scored = [t for w in ws for t in w.token_ids[len(w.token_ids) - w.num_scored:]]
+            assert scored == list(range(0 if prefix is not None else min(n, 1), n))
+            assert all(len(w.token_ids) <= 8 and w.num_scored >= 1 for w in ws)
+
+
+@pytest.mark.parametrize("n", [9, 3 * MAX_LEN + 5])
+def test_rolling_scores_every_token_once(llm, n):
+    rng = np.random.default_rng(n)
+    doc = rng.integers(0, TINY.vocab_size, n).tolist()
+    short = [4, 9]
+    out, out_short = llm.score_rolling([doc, short], use_tqdm=False)
+    assert out.num_tokens == len(out.token_logprobs) == n and out.token_ids == doc
+    windows = rolling_windows(doc, EOS, MAX_LEN)
+    assert out.num_windows == len(windows) == (1 if n < MAX_LEN else 4)
+    ref = np.concatenate([_dense(w.token_ids)[-w.num_scored:] for w in windows])
+    np.testing.assert_allclose(out.token_logprobs, ref, atol=1e-4)
+    if n < MAX_LEN:
+        assert abs(out.loglik - _dense([EOS] + doc)[1:].sum()) < 1e-4
+    assert abs(out_short.loglik - _dense([EOS] + short)[1:].sum()) < 1e-4
+    assert llm.last_score_summary.tokens_scored == n + 2
+
+
+def test_rolling_text_and_errors(llm):
+    text = "hello world, " * 5  # 65 characters: 5 windows
+    out = llm.score_rolling(text, use_tqdm=False)[0]
+    assert out.token_ids == llm.tokenizer.encode(text, add_bos=False)
+    assert out.num_tokens == len(text)
+    empty = llm.score_rolling([[]], use_tqdm=False)[0]
+    assert (empty.num_tokens, empty.loglik, empty.num_windows) == (0, 0.0, 0)
+    with pytest.raises(ValueError, match=r"documents\[1\]=3.5 must be a list of token ids"):
+        llm.score_rolling(["ab", 3.5], use_tqdm=False)
+    assert not llm.engine.has_unfinished()
