@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 import time
 
-import jax
 from absl import app, flags
-from tqdm.auto import tqdm
 
 from jaxserve.cli import flags as jflags
-from jaxserve.cli import output_file
+from jaxserve.cli import line_runner, output_file
+from jaxserve.cli.line_runner import EXIT_BAD_INPUT, LineJob, Signals
 from jaxserve.cli.prompt_file import PromptLine, parse_prompt_lines, read_lines
 from jaxserve.metrics import format_table, summarize
 
@@ -40,35 +37,7 @@ FLAGS = flags.FLAGS
 
 DEMO_PROMPTS = ["import os\nimport sys\n\n\ndef ", "class ", "    def __init__(self, ",
                 "# Copyright", "def read_file(path):\n    \"\"\"", "for i in range("]
-EXIT_BAD_INPUT, EXIT_LOAD_FAILED = 2, 1
-
-
-class Interrupted(KeyboardInterrupt):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _Signals:
-    """SIGINT / SIGTERM: while generating, the first one lets the current step finish (so its
-    results are written); otherwise, or on a second one, it interrupts at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.deferred = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        first = self.signum is None
-        self.signum = signum
-        if not (self.deferred and first):
-            raise Interrupted(signum)
-
-
-def _fail(code: int, msg) -> None:
-    print(f"jaxserve-generate: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+PROGRAM = "jaxserve-generate"
 
 
 def _read_lines() -> list[bytes]:
@@ -122,80 +91,27 @@ def _prepare():
 
 def main(argv) -> None:
     del argv
-    signals = _Signals()
-    try:
-        _main(signals)
-    except Interrupted as e:
-        name = signal.Signals(e.signum).name
-        print(f"jaxserve-generate: interrupted by {name} before any output was due; nothing "
-              f"written", file=sys.stderr)
-        sys.exit(128 + e.signum)
+    line_runner.main_with_signals(PROGRAM, _main)
 
 
-def _main(signals: _Signals) -> None:
+def _main(signals: Signals) -> None:
     try:
         cfg, raw, lines, errors, done = _prepare()
     except (ValueError, OSError) as e:
-        _fail(EXIT_BAD_INPUT, e)
+        line_runner.fail(PROGRAM, EXIT_BAD_INPUT, e)
     todo = [ln for ln in lines if ln.number not in done]
     new_errors = {n: m for n, m in errors.items() if n not in done}
-    for number, msg in sorted(new_errors.items()):
-        print(f"line {number}: skipped: {msg}", file=sys.stderr)
-    if done:
-        print(f"resuming: {len(done)} line(s) already in {FLAGS.output}, {len(todo)} to run",
-              file=sys.stderr)
-    if not todo and not new_errors and done:
-        print("nothing left to do", file=sys.stderr)
+    if not line_runner.report_plan(FLAGS.output, new_errors, done, len(todo)):
         return
-    if FLAGS.distributed:
-        jax.distributed.initialize()  # Cloud TPU pods: every worker runs this same command
-    from jaxserve.llm import LLM  # after the checks: importing it is cheap, loading is not
-    try:
-        llm = LLM(FLAGS.model, checkpoint=FLAGS.checkpoint,
-                  allow_nonfinite_weights=FLAGS.allow_nonfinite_weights,
-                  **jflags.engine_options(FLAGS))
-    except (ValueError, OSError) as e:
-        _fail(EXIT_LOAD_FAILED, e)
-    engine = llm.engine
+    llm = line_runner.load_llm(PROGRAM, FLAGS)
     t0 = time.perf_counter()
-    accepted: dict[str, PromptLine] = {}
-    for line in todo:
-        rid = f"line-{line.number}"
-        try:
-            engine.add_request(rid, line.token_ids, line.params, prompt=line.prompt)
-            accepted[rid] = line
-        except ValueError as e:
-            new_errors[line.number] = str(e)
-            print(f"line {line.number}: skipped: {e}", file=sys.stderr)
-    writer = output_file.OrderedWriter(
-        FLAGS.output, [ln.number for ln in accepted.values()] + list(new_errors),
-        emit=_print_record, enabled=jax.process_index() == 0)
-    finished = []
-    signals.deferred = True
-    try:
-        for n, msg in new_errors.items():
-            writer.add({"line": n, "error": msg})
-        with tqdm(total=len(accepted), desc="generate", unit="req", file=sys.stderr) as bar:
-            while engine.has_unfinished() and signals.signum is None:
-                for out in engine.step():
-                    if out.finished:
-                        finished.append(out)
-                        writer.add(_record(accepted[out.request_id], out))
-                        bar.update(1)
-    except Interrupted:
-        pass  # a second signal, or one outside a step: what is finished is still written
-    finally:
-        writer.close()  # every finished record reaches the file, whatever happened
-    if signals.signum is not None:
-        where = f"in {FLAGS.output}" if FLAGS.output else "printed"
-        print(f"jaxserve-generate: interrupted by {signal.Signals(signals.signum).name}: "
-              f"{len(done) + writer.written} of {len(done) + len(accepted) + len(new_errors)} "
-              f"lines done {where}; rerun the same command to resume", file=sys.stderr)
-        sys.exit(128 + signals.signum)
-    if FLAGS.output and writer.enabled and not output_file.is_sorted(FLAGS.output):
-        output_file.sort_file(FLAGS.output)  # an interrupted run wrote some lines early
+    jobs = [LineJob(ln.number, [(ln.token_ids, ln.params, ln.prompt)],
+                    lambda outs, ln=ln: _record(ln, outs[0])) for ln in todo]
+    finished = line_runner.run_jobs(PROGRAM, llm.engine, jobs, new_errors, output=FLAGS.output,
+                                    signals=signals, num_done=len(done), desc="generate",
+                                    emit=_print_record)
     wall = time.perf_counter() - t0
-    print(_summary([o for o in finished if o.finish_reason != "error"], wall, engine.stats,
+    print(_summary([o for o in finished if o.finish_reason != "error"], wall, llm.engine.stats,
                    len(errors)))
 
 

@@ -1,5 +1,5 @@
-"""The JSONL output of jaxserve-generate: written as results complete, so no finished work is lost,
-and read back to resume an interrupted run.
+"""The JSONL output of jaxserve-generate and jaxserve-score: written as results complete, so no
+finished work is lost, and read back to resume an interrupted run.
 
 Every record carries `"line": N`, the input line it answers (bad lines too, as
 `{"line": N, "error": "..."}`), which is what makes resuming safe: a rerun with the same
@@ -19,13 +19,14 @@ from typing import Callable, Iterable
 FSYNC_EVERY_S = 5.0
 
 
-def read_done(path: str, input_lines: list[bytes], prompts: dict[int, str | None]
-              ) -> dict[int, dict]:
+def read_done(path: str, input_lines: list[bytes], expected: dict[int, object],
+              key: str = "prompt", input_flag: str = "--prompts") -> dict[int, dict]:
     """{line number: record} of an earlier run's `path` (nothing if it does not exist).
 
     A last line cut short (the run was killed while writing it) is removed from the file, so its
-    input line runs again. A record that names no input line, or a prompt other than the input
-    line's, means the file belongs to another input: a ValueError says so.
+    input line runs again. A record that names no input line, or whose `key` field (when it has
+    one, not None) differs from `expected[line]` (the input line's prompt, or its fingerprint),
+    means the file belongs to another input: a ValueError says so.
     """
     if not os.path.exists(path):
         return {}
@@ -47,12 +48,12 @@ def read_done(path: str, input_lines: list[bytes], prompts: dict[int, str | None
         n = rec.get("line") if isinstance(rec, dict) else None
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(input_lines):
             raise ValueError(f"{where} names no line of the input ({n!r}); it was written for "
-                             f"another --prompts file (move it away to start afresh)")
+                             f"another {input_flag} file (move it away to start afresh)")
         if n in done:
             raise ValueError(f"{where} repeats input line {n}")
-        if rec.get("prompt") is not None and n in prompts and rec["prompt"] != prompts[n]:
-            raise ValueError(f"{where}: its prompt differs from input line {n}'s; it was "
-                             f"written for another --prompts file (move it away to start "
+        if rec.get(key) is not None and n in expected and rec[key] != expected[n]:
+            raise ValueError(f"{where}: its {key} differs from input line {n}'s; it was "
+                             f"written for another {input_flag} file (move it away to start "
                              f"afresh)")
         done[n] = rec
     return done

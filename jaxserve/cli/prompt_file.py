@@ -22,12 +22,13 @@ class PromptLine:
     params: SamplingParams
 
 
-def read_lines(path: str) -> list[bytes]:
-    """The file's lines as bytes (a FileNotFoundError or IsADirectoryError names the path)."""
+def read_lines(path: str, flag: str = "--prompts") -> list[bytes]:
+    """The file's lines as bytes (a FileNotFoundError or IsADirectoryError names the flag and
+    the path)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--prompts={path!r}: no such file")
+        raise FileNotFoundError(f"{flag}={path!r}: no such file")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"--prompts={path!r} is a directory, not a JSONL file")
+        raise IsADirectoryError(f"{flag}={path!r} is a directory, not a JSONL file")
     with open(path, "rb") as f:
         return f.read().splitlines()
 
