@@ -316,8 +316,8 @@ def test_chunk_row_output_does_not_depend_on_its_block(dtype):
     # The same query rows computed in blocks of 16 (one run), in runs of 2..7 rows (padding
     # rows between them cut the runs), shifted so that blocks start elsewhere, and reversed:
     # every row's output is bit-identical (key blocks sit at absolute positions and each lane
-    # computes exactly what it would in any other block). A row alone is a decode row (the
-    # per-row kernel): equal within rounding only, so no run here has one row.
+    # computes exactly what it would in any other block). Rows alone (the per-row kernel): see
+    # test_a_row_is_bit_identical_whatever_shares_its_step.
     rng = np.random.default_rng(12)
     n, context, heads, kv_heads, dh = 40, 230, 12, 4, 64
     k, v, table = _paged_cache(rng, [context], page_size=16, kv_heads=kv_heads, head_dim=dh)

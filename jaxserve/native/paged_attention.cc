@@ -16,9 +16,11 @@
 // attr scale f32                        softmax scale
 // out        [R, H, Dh]
 //
-// Work items: a row alone with all its heads (decode: whole pages read in order), or a block of
-// consecutive rows of one slot (a chunk) times the query heads sharing a KV head, computed as
-// small matrix products (see attend_block in paged_attention_kernels.h). They run on XLA's
+// Work items: a row alone with all its heads (attend_item: a decode row, or a chunk row alone in
+// its run), or a block of consecutive rows of one slot (a chunk) times the query heads sharing a
+// KV head, computed as small matrix products (attend_block in paged_attention_kernels.h). Both
+// compute the same per-row arithmetic to the bit, so a row's output does not depend on which
+// other rows share the step (DESIGN: bit-identical whatever shares the step). They run on XLA's
 // intra-op thread pool and on the calling thread, so the call finishes even if the pool never
 // runs a task.
 
