@@ -156,12 +156,7 @@ def test_faults_stay_with_their_request(engines, mix):
             assert (out.token_ids, out.text, out.finish_reason) == (
                 ref.token_ids, ref.text, ref.finish_reason), rid
             if ref.logprobs is not None:
-                # The two engines' steps run in different compiled shapes (buckets), whose
-                # matmuls may round differently; bit-identity is tests/test_fuzz.py's business.
-                assert [list(e) for e in out.logprobs] == [list(e) for e in ref.logprobs]
-                for got, want in zip(out.logprobs, ref.logprobs):
-                    for tok, lp in want.items():
-                        assert abs(got[tok] - lp) <= 1e-5, (rid, tok, got[tok], lp)
+                assert out.logprobs == ref.logprobs
     # The engine still serves cleanly afterwards.
     again = run_all(tight, requests)
     assert all(outs[0].token_ids == clean[rid].token_ids for rid, outs in again.items())
