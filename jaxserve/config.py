@@ -246,6 +246,9 @@ class EngineConfig:
     seed: int = 0
     weight_layout: str = "auto"
     mesh_shape: str = ""  # e.g. "model=8" or "data=2,model=4"; "" = one device, no mesh
+    # Full KV pages shared between sequences with the same prefix and kept after use (evicted
+    # least recently used); see scheduler.py. Requests with prompt_logprobs compute their prompt.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
@@ -262,6 +265,9 @@ class EngineConfig:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0 (the engine's seed)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a "
+                             f"bool")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_BACKENDS}")
         if self.weight_layout not in WEIGHT_LAYOUTS:

@@ -92,7 +92,8 @@ class Engine:
         self._counter = CompileCounter(strict=strict_compiles)
         self._stats = {"steps": 0, "mixed_steps": 0, "decode_steps": 0, "scheduled_tokens": 0,
                        "slot_tokens": 0, "mixed_scheduled_tokens": 0, "mixed_slot_tokens": 0,
-                       "preemptions": 0}
+                       "preemptions": 0, "prefix_cache_query_tokens": 0,
+                       "prefix_cache_hit_tokens": 0}
 
     @property
     def backend(self) -> str:
@@ -128,8 +129,9 @@ class Engine:
             request_id=request_id, prompt=prompt, prompt_ids=ids, params=params, seed=seed,
             metrics=RequestMetrics(arrival_time=arrival_time or time.perf_counter()),
             eos_ids=self.eos_ids, detokenizer=detok)
+        # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
         seq = Sequence(request_id=request_id, prompt_ids=ids, arrival_index=next(self._arrivals),
-                       payload=req)
+                       payload=req, reuse_cached_prefix=not req.wants_prompt_logprobs)
         self._requests[request_id] = seq
         try:
             self.scheduler.add(seq)
@@ -262,6 +264,8 @@ class Engine:
 
     def _launch(self, sched) -> _InFlight | None:
         self._stats["preemptions"] += len(sched.preempted)
+        self._stats["prefix_cache_query_tokens"] += sched.query_tokens
+        self._stats["prefix_cache_hit_tokens"] += sched.hit_tokens
         for seq in sched.preempted:
             seq.payload.metrics.num_preemptions += 1
         if sched.is_empty:
@@ -397,4 +401,10 @@ class Engine:
             st["mixed_scheduled_tokens"] / st["mixed_slot_tokens"]
             if st["mixed_slot_tokens"] else 0.0)
         st["attention_backend"] = self.backend
+        # Of the tokens admitted sequences held (a preempted one counts again when readmitted),
+        # the share whose K/V came from the prefix cache; cached_pages: kept, held by nobody.
+        st["prefix_cache_hit_rate"] = (
+            st["prefix_cache_hit_tokens"] / st["prefix_cache_query_tokens"]
+            if st["prefix_cache_query_tokens"] else 0.0)
+        st["cached_pages"] = self.scheduler.allocator.num_cached
         return st

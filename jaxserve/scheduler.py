@@ -11,6 +11,17 @@ taken lazily, as a sequence grows; when none is left the newest running sequence
 A sequence's "remaining" tokens are those whose K/V is not in the cache. After a step it has
 exactly one (the token just sampled), so decoding is the case `remaining == 1`, which also covers a
 one-token prompt and needs no special state.
+
+Prefix caching (`EngineConfig.enable_prefix_caching`, see `prefix_cache.py`): a full page is named
+by its content's hash chain once its K/V has been computed (dispatched: any later step reads it
+after it is written) and its tokens are known (an output token still in flight is negative, see
+`batching.PENDING`). A waiting sequence is admitted with the longest cached run of its full
+pages (shared, reference counts up; `num_computed` starts after them), capped below its last
+token, whose logits are needed: a full hit still computes that token. The pages a sequence
+writes (past the hit) are its own and never shared. A sequence that asks for prompt logprobs
+(`reuse_cached_prefix=False`) computes its whole prompt, since logprobs of cached positions were
+never produced; its pages still enter the cache for others. Preemption and finishing release
+pages (cached ones stay cached), so a preempted sequence may find its own pages again.
 """
 
 from __future__ import annotations
@@ -19,10 +30,12 @@ import bisect
 import dataclasses
 import enum
 import math
+from collections.abc import Hashable
 from typing import Any
 
 from jaxserve.config import EngineConfig
 from jaxserve.page_allocator import PageAllocator
+from jaxserve.prefix_cache import PageHash, PrefixCache, page_hash
 
 
 class SeqStatus(enum.Enum):
@@ -44,6 +57,12 @@ class Sequence:
     pages: list[int] = dataclasses.field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
+    reuse_cached_prefix: bool = True  # False: compute the whole prompt (prompt logprobs)
+    cache_salt: Hashable = None  # anything besides the tokens that changes K/V (none today)
+    # Chain hashes of the leading full pages whose tokens are known (tokens never change, so
+    # these survive preemption), and how many of `pages` are already named in the cache.
+    page_hashes: list[PageHash] = dataclasses.field(default_factory=list)
+    num_registered: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +90,9 @@ class SchedulerOutput:
     chunks: list[ChunkWork]
     decodes: list[Sequence]
     preempted: list[Sequence]
+    # Admissions this step: tokens they looked for in the prefix cache, and tokens found.
+    query_tokens: int = 0
+    hit_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +117,8 @@ def chunk_starts(lengths: list[int], align: int) -> list[int]:
 class Scheduler:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.allocator = PageAllocator(cfg.num_pages)
+        self.cache = PrefixCache() if cfg.enable_prefix_caching else None
+        self.allocator = PageAllocator(cfg.num_pages, self.cache)
         self.waiting: list[Sequence] = []  # kept in arrival order
         self.running: list[Sequence] = []  # kept in admission order: the last is the newest
 
@@ -110,8 +133,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
 
     def has_unfinished(self) -> bool:
@@ -121,13 +143,15 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(chunks=[], decodes=[], preempted=[])
+        for seq in self.running:
+            self._register(seq)  # what the previous step computed
         for seq in list(self.running):
             if seq.status == SeqStatus.RUNNING and seq.remaining == 1:
                 if self._reserve(seq, seq.num_computed + 1, out):
                     out.decodes.append(seq)
         for seq in list(self.running):
             if seq.status == SeqStatus.RUNNING and seq.remaining > 1:
-                length = self._chunk_length(seq, out)
+                length = self._chunk_length(seq.remaining, out)
                 if length == 0:
                     continue  # a whole unchunked prompt may still fit after a shorter one
                 if self._reserve(seq, seq.num_computed + length, out):
@@ -140,17 +164,28 @@ class Scheduler:
             return  # the cache is full: admitting now would only preempt again next step
         while self.waiting and len(self.running) < self.cfg.max_decode_slots:
             seq = self.waiting[0]
-            is_decode = seq.remaining == 1
-            length = 1 if is_decode else self._chunk_length(seq, out)
+            assert not seq.pages and seq.num_computed == 0, "a waiting sequence holds pages"
+            hit = self._cached_prefix(seq)
+            computed = len(hit) * self.cfg.page_size
+            remaining = seq.num_tokens - computed
+            is_decode = remaining == 1
+            length = 1 if is_decode else self._chunk_length(remaining, out)
             if length == 0:
                 return  # no room in the chunk region this step
-            needed = self._pages_for(length) - len(seq.pages)
-            if needed > self.allocator.num_free:
+            needed = self._pages_for(computed + length) - len(hit)
+            # Hit pages nobody holds count as free now, but are taken, not allocated.
+            parked = sum(1 for p in hit if self.allocator.refcount[p] == 0)
+            if needed + parked > self.allocator.num_free:
                 return  # strict arrival order: nobody overtakes the head of the queue
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            seq.pages.extend(self.allocator.allocate(needed))
+            self.allocator.share(hit)
+            seq.pages = hit + self.allocator.allocate(needed)
+            seq.num_registered = len(hit)
+            seq.num_computed = computed
+            out.query_tokens += seq.num_tokens
+            out.hit_tokens += computed
             if is_decode:
                 out.decodes.append(seq)
             else:
@@ -167,13 +202,14 @@ class Scheduler:
         starts = chunk_starts(lengths + [0], self.cfg.chunk_align)
         return max(0, self.cfg.chunk_tokens - starts[-1])
 
-    def _chunk_length(self, seq: Sequence, out: SchedulerOutput) -> int:
-        """Tokens of `seq` to compute in this step's chunk region; 0 = none fit."""
+    def _chunk_length(self, remaining: int, out: SchedulerOutput) -> int:
+        """Tokens of a sequence with `remaining` to compute in this step's chunk region; 0 =
+        none fit."""
         room = self._chunk_room(out)
         if self.cfg.chunk_size == 0:
             # No chunking: the whole rest in one step, or not at all.
-            return seq.remaining if seq.remaining <= room else 0
-        return min(room, seq.remaining)
+            return remaining if remaining <= room else 0
+        return min(room, remaining)
 
     def _chunk(self, seq: Sequence, length: int) -> ChunkWork:
         return ChunkWork(seq=seq, start=seq.num_computed, length=length,
@@ -200,8 +236,7 @@ class Scheduler:
         if seq in out.decodes:
             out.decodes.remove(seq)
         out.chunks = [c for c in out.chunks if c.seq is not seq]
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self._release(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
@@ -211,3 +246,40 @@ class Scheduler:
     def _insert_waiting(self, seq: Sequence) -> None:
         keys = [s.arrival_index for s in self.waiting]
         self.waiting.insert(bisect.bisect(keys, seq.arrival_index), seq)
+
+    # -- prefix cache --------------------------------------------------------------------------
+
+    def _hashes(self, seq: Sequence, num_pages: int) -> list[PageHash]:
+        """The chain hashes of `seq`'s first `num_pages` full pages, or as many as have known
+        tokens."""
+        ps, hashes = self.cfg.page_size, seq.page_hashes
+        while len(hashes) < num_pages:
+            i = len(hashes)
+            tokens = [seq.token_at(p) for p in range(i * ps, (i + 1) * ps)]
+            if min(tokens) < 0:
+                break  # a token still in flight
+            hashes.append(page_hash(hashes[-1] if hashes else None, tokens, seq.cache_salt))
+        return hashes[:num_pages]
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached pages holding `seq`'s longest cached prefix, short of its last token."""
+        if self.cache is None or not seq.reuse_cached_prefix:
+            return []
+        return self.cache.lookup(self._hashes(seq, (seq.num_tokens - 1) // self.cfg.page_size))
+
+    def _register(self, seq: Sequence) -> None:
+        """Names in the cache the pages of `seq` whose K/V is computed and tokens known."""
+        if self.cache is None:
+            return
+        full = min(seq.num_computed // self.cfg.page_size, len(seq.pages))
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_registered, len(hashes)):
+            self.cache.register(seq.pages[i], hashes[i])
+        seq.num_registered = max(seq.num_registered, len(hashes))
+
+    def _release(self, seq: Sequence) -> None:
+        """Gives `seq`'s pages back; those whose content is cached stay cached."""
+        self._register(seq)
+        self.allocator.free(seq.pages)
+        seq.pages = []
+        seq.num_registered = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 
@@ -9,18 +10,47 @@ from hypothesis import given, settings, strategies as st
 
 from jaxserve.config import EngineConfig
 from jaxserve.page_allocator import TRASH_PAGE
+from jaxserve.prefix_cache import page_hash
 from jaxserve.scheduler import Scheduler, Sequence, SeqStatus, chunk_starts
 
 
 def _check_pages(s: Scheduler) -> None:
-    held = [p for seq in s.running for p in seq.pages]
-    assert len(held) == len(set(held)), "a page is held by two live sequences"
-    assert TRASH_PAGE not in held
-    free = s.allocator._free
-    assert not set(free) & set(held), "a page is both free and held"
-    assert len(free) + len(held) == s.cfg.num_pages - 1, "a page leaked"
+    """Every page is exactly one of: free, cached and held by nobody, or held; reference counts
+    are the number of live holders; a page named in the cache holds that content for each
+    holder (its chain hash recomputed here from the holder's own tokens)."""
+    a, cache = s.allocator, s.cache
+    holders = collections.Counter(p for seq in s.running for p in seq.pages)
+    assert TRASH_PAGE not in holders
+    for seq in s.running:
+        assert len(set(seq.pages)) == len(seq.pages), "a sequence holds a page twice"
+    free = set(a._free)
+    parked = set(cache.lru) if cache else set()
+    assert len(free) == len(a._free)
+    assert not free & parked and not free & set(holders) and not parked & set(holders)
+    assert len(free) + len(parked) + len(holders) == s.cfg.num_pages - 1, "a page leaked"
+    for p in range(1, s.cfg.num_pages):
+        assert a.refcount[p] == holders[p], f"page {p}: refcount {a.refcount[p]} != holders"
+    if cache is None:
+        assert max(holders.values(), default=1) == 1, "a page shared with caching off"
+    else:
+        assert all(cache.is_cached(p) for p in parked)
+        assert {cache.page_of[h]: h for h in cache.page_of} == cache.hash_of
+        for seq in s.running:
+            for i, page in enumerate(seq.pages):
+                if holders[page] > 1 or cache.is_cached(page):
+                    # Shared or named: a full, computed page of exactly this holder's content.
+                    assert (i + 1) * s.cfg.page_size <= seq.num_computed
+                    assert cache.hash_of[page] == chain_hash(seq, i, s.cfg.page_size)
     for seq in s.waiting:
         assert not seq.pages and seq.num_computed == 0
+
+
+def chain_hash(seq: Sequence, i: int, page_size: int) -> bytes:
+    h = None
+    for j in range(i + 1):
+        h = page_hash(h, [seq.token_at(p) for p in range(j * page_size, (j + 1) * page_size)],
+                      seq.cache_salt)
+    return h
 
 
 workloads = st.fixed_dictionaries({
@@ -71,7 +101,7 @@ def test_scheduler_invariants(w):
             assert starts[-1] + lengths[-1] <= region
             assert all(st_ % cfg.chunk_align == 0 for st_ in starts)
         if cfg.chunk_size == 0:  # unchunked: a prompt is computed whole or not at all
-            assert all(c.start == 0 and c.samples for c in out.chunks)
+            assert all(c.samples for c in out.chunks)
         # Decode first: every running sequence ready to decode, and not preempted, decodes.
         preempted = {id(q) for q in out.preempted}
         assert {id(q) for q in out.decodes} >= decodable_before - preempted
@@ -96,6 +126,7 @@ def test_scheduler_invariants(w):
         _check_pages(s)
     assert sorted(finished) == sorted(q.request_id for q in seqs)  # each exactly once
     assert s.allocator.num_free == cfg.num_pages - 1
+    assert not any(s.allocator.refcount)
 
 
 def _model(max_len):
@@ -123,7 +154,7 @@ def test_one_long_prompt_takes_the_whole_budget_and_shares_the_rest():
                        page_size=8, max_model_len=256).resolve(_model(256))
     s = Scheduler(cfg)
     s.add(Sequence("long", list(range(150)), arrival_index=0))
-    s.add(Sequence("short", list(range(10)), arrival_index=1))
+    s.add(Sequence("short", list(range(100, 110)), arrival_index=1))
     assert [c.length for c in s.schedule().chunks] == [64]  # the long one takes it all
     for c in s.running:
         c.num_computed += 64
@@ -138,7 +169,8 @@ def test_one_long_prompt_takes_the_whole_budget_and_shares_the_rest():
 def test_scheduler_imports_no_jax():
     code = "import sys, jaxserve.scheduler; print(sorted(m for m in sys.modules if m.startswith('jax')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['jaxserve', 'jaxserve.config', 'jaxserve.page_allocator', 'jaxserve.scheduler']"
+    assert out.stdout.strip() == str(['jaxserve', 'jaxserve.config', 'jaxserve.page_allocator',
+                                      'jaxserve.prefix_cache', 'jaxserve.scheduler'])
 
 
 def test_unchunked_mode_prefills_whole_prompt():
@@ -148,3 +180,237 @@ def test_unchunked_mode_prefills_whole_prompt():
     s.add(Sequence("a", list(range(25)), arrival_index=0))
     out = s.schedule()
     assert [c.length for c in out.chunks] == [25] and out.chunks[0].samples
+
+
+# -- prefix caching: random mixes of shared prefixes, aborts and preemptions -------------------
+
+PENDING = -1  # as the engine marks an output token still in flight (batching.PENDING)
+
+cache_workloads = st.fixed_dictionaries({
+    "chunk_size": st.sampled_from([0, 3, 8, 16]),
+    "max_chunk_seqs": st.integers(1, 3),
+    "max_decode_slots": st.integers(1, 4),
+    "page_size": st.sampled_from([1, 2, 4]),
+    "extra_pages": st.integers(0, 10),
+    # (base prefix, its length used, own tail length, max outputs, arrival step)
+    "requests": st.lists(st.tuples(st.integers(0, 2), st.integers(0, 24), st.integers(0, 6),
+                                   st.integers(1, 8), st.integers(0, 6)),
+                         min_size=1, max_size=10),
+    "aborts": st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=4),
+    "salted": st.booleans(),
+})
+
+
+def _next_token(seq: Sequence) -> int:
+    # Deterministic in the sequence's tokens, so identical prompts generate identical pages.
+    return sum(seq.token_at(p) for p in range(seq.num_tokens)) * 7 % 5
+
+
+@settings(max_examples=1500, deadline=None)
+@given(cache_workloads)
+def test_prefix_cache_invariants(w):
+    """Pages are shared only with identical content, none leaks, refcounts are exact, cached
+    pages are evicted least recently released first, and a full hit computes the last token.
+    `content` is the oracle: for every page slot, which (sequence, position) wrote its K/V; a
+    step may read a slot only if the writer's tokens up to it equal the reader's."""
+    max_len = 40
+    ps = w["page_size"]
+    cfg = EngineConfig(chunk_size=w["chunk_size"], max_chunk_seqs=w["max_chunk_seqs"],
+                       chunk_align=1, max_decode_slots=w["max_decode_slots"], page_size=ps,
+                       num_pages=1 + -(-max_len // ps) + w["extra_pages"],
+                       max_model_len=max_len).resolve(_model(max_len))
+    s = Scheduler(cfg)
+    lru_checks = _check_lru_evictions(s)
+    bases = [[(b * 31 + i * 7) % 50 for i in range(30)] for b in range(3)]
+    content: dict[tuple[int, int], tuple[Sequence, int]] = {}
+
+    def prefix(seq, pos):
+        return [seq.token_at(p) for p in range(pos + 1)]
+
+    pending = sorted(enumerate(w["requests"]), key=lambda r: r[1][4])
+    aborts = sorted(w["aborts"])
+    seqs, finished, in_flight = [], [], []
+    step = hits = 0
+    while pending or s.has_unfinished():
+        while pending and pending[0][1][4] <= step:
+            i, (b, n, tail, max_out, _) = pending.pop(0)
+            prompt = bases[b][:n] + [50 + i] * tail or [1]
+            prompt = prompt[: max_len - 1]
+            seq = Sequence(str(i), prompt, arrival_index=i, payload=max_out,
+                           cache_salt=b % 2 if w["salted"] else None)
+            seqs.append(seq)
+            s.add(seq)
+        waiting_before = {id(q) for q in s.waiting}
+        out = s.schedule()
+        step += 1
+        assert step < 3000, "no progress"
+        _check_pages(s)
+        for seq, start, length in ([(c.seq, c.start, c.length) for c in out.chunks]
+                                   + [(q, q.num_computed, 1) for q in out.decodes]):
+            assert start == seq.num_computed and 1 <= length and start + length <= seq.num_tokens
+            if id(seq) in waiting_before:
+                hits += start
+                # A hit is whole pages, short of the last token (its logits are needed).
+                assert start % ps == 0 and start <= seq.num_tokens - 1
+            for pos in range(start):  # read: what is there is this sequence's own prefix
+                writer, wpos = content[seq.pages[pos // ps], pos % ps]
+                assert wpos == pos and prefix(writer, pos) == prefix(seq, pos), (
+                    f"{seq.request_id} reads {writer.request_id}'s K/V at {pos}")
+            for pos in range(start, start + length):  # written: held by this sequence alone
+                page = seq.pages[pos // ps]
+                assert s.allocator.refcount[page] == 1 and not (s.cache.is_cached(page))
+                content[page, pos % ps] = (seq, pos)
+        # "Launch": advance, mark sampled tokens in flight, stop at the length limit.
+        for c in out.chunks:
+            c.seq.num_computed += c.length
+        for q in out.decodes:
+            q.num_computed += 1
+        launched = []
+        for q in [c.seq for c in out.chunks if c.samples] + out.decodes:
+            q.output_ids.append(PENDING)
+            launched.append((q, len(q.output_ids) - 1))
+            if len(q.output_ids) >= q.payload or q.num_tokens >= max_len:
+                s.finish(q)
+                finished.append(q.request_id)
+        # "Collect" the previous step's tokens, then abort some requests.
+        for q, k in in_flight:
+            q.output_ids[k] = _next_token_before(q, k)
+        in_flight = launched
+        while aborts and aborts[0][0] <= step:
+            _, k = aborts.pop(0)
+            live = [q for q in seqs if q.status != SeqStatus.FINISHED]
+            if live:
+                victim = live[k % len(live)]
+                s.finish(victim)
+                finished.append(victim.request_id)
+        _check_pages(s)
+    assert sorted(finished) == sorted(q.request_id for q in seqs)  # each exactly once
+    assert s.allocator.num_free == cfg.num_pages - 1 and not any(s.allocator.refcount)
+    STATS["hits"] += hits
+    STATS["evictions"] += lru_checks[0]
+    STATS["examples"] += 1
+
+
+def _next_token_before(seq: Sequence, k: int) -> int:
+    """The token sampled at output index k: a function of the tokens before it."""
+    n = len(seq.prompt_ids) + k
+    return sum(seq.token_at(p) for p in range(n)) * 7 % 5
+
+
+STATS = collections.Counter()
+
+
+def _check_lru_evictions(s: Scheduler) -> list[int]:
+    """Wraps the allocator so every allocation that evicts is checked to take the least
+    recently released cached pages, in order; returns [evictions seen]."""
+    a, seen = s.allocator, [0]
+    allocate = a.allocate
+
+    def checked(n):
+        lru, free = list(a.cache.lru), len(a._free)
+        pages = allocate(n)
+        evicted = pages[free:] if n > free else []
+        assert evicted == lru[: len(evicted)], "evicted out of LRU order"
+        assert all(not a.cache.is_cached(p) for p in pages)
+        seen[0] += len(evicted)
+        return pages
+    a.allocate = checked
+    return seen
+
+
+def test_prefix_cache_property_test_exercised_hits_and_evictions():
+    if not STATS["examples"]:
+        import pytest
+        pytest.skip("runs after test_prefix_cache_invariants")
+    assert STATS["hits"] > 1000 and STATS["evictions"] > 100, STATS
+
+
+def _cfg(**kw):
+    base = dict(chunk_size=16, max_chunk_seqs=4, chunk_align=1, max_decode_slots=4, page_size=4,
+                max_model_len=40)
+    base.update(kw)
+    return EngineConfig(**base).resolve(_model(40))
+
+
+def _run_to_end(s: Scheduler, seq: Sequence, n_out: int = 1) -> None:
+    """Computes `seq` (alone) through `n_out` sampled tokens, then finishes it."""
+    s.add(seq)
+    while True:
+        out = s.schedule()
+        for c in out.chunks:
+            c.seq.num_computed += c.length
+        for q in out.decodes:
+            q.num_computed += 1
+        if any(c.samples for c in out.chunks) or out.decodes:
+            seq.output_ids.append(9)
+            if len(seq.output_ids) == n_out:
+                s.finish(seq)
+                return
+
+
+def test_a_second_identical_prompt_hits_all_but_the_last_token():
+    s = Scheduler(_cfg())
+    _run_to_end(s, Sequence("a", list(range(13)), arrival_index=0))
+    assert s.allocator.num_cached == 3  # 12 of 13 tokens in full pages (+1 generated: no)
+    again = Sequence("b", list(range(13)), arrival_index=1)
+    s.add(again)
+    out = s.schedule()  # one token left: it rides as a decode, which samples
+    assert not out.chunks and out.decodes == [again] and again.num_computed == 12
+    assert out.hit_tokens == 12 and out.query_tokens == 13
+    # A prompt of exactly whole pages: the last page is recomputed (its last token is needed).
+    s2 = Scheduler(_cfg())
+    _run_to_end(s2, Sequence("a", list(range(12)), arrival_index=0))
+    s2.add(Sequence("b", list(range(12)), arrival_index=1))
+    out = s2.schedule()
+    assert [(c.start, c.length) for c in out.chunks] == [(8, 4)] and not out.decodes
+    s3 = Scheduler(_cfg())
+    _run_to_end(s3, Sequence("a", list(range(12)), arrival_index=0), n_out=2)
+    s3.add(Sequence("b", list(range(6)), arrival_index=1))  # a shorter prompt: 1 page hit
+    out = s3.schedule()
+    assert [(c.start, c.length) for c in out.chunks] == [(4, 2)]
+
+
+def test_generated_tokens_are_cached_and_salt_separates():
+    s = Scheduler(_cfg())
+    _run_to_end(s, Sequence("a", list(range(6)), arrival_index=0), n_out=4)  # 6 + 3 computed
+    cont = Sequence("b", list(range(6)) + [9, 9, 9, 5], arrival_index=1)
+    s.add(cont)
+    assert s.schedule().chunks[0].start == 8  # prompt page and the page ending in output
+    s.finish(cont)
+    salted = Sequence("c", list(range(6)) + [9, 9, 9, 5], arrival_index=2,
+                      cache_salt="lora-1")
+    s.add(salted)
+    assert s.schedule().chunks[0].start == 0
+
+
+def test_prompt_logprob_sequences_compute_everything_but_still_cache():
+    s = Scheduler(_cfg())
+    _run_to_end(s, Sequence("a", list(range(14)), arrival_index=0, reuse_cached_prefix=False))
+    seq = Sequence("b", list(range(14)), arrival_index=1, reuse_cached_prefix=False)
+    s.add(seq)
+    assert s.schedule().chunks[0].start == 0
+    s.finish(seq)
+    s.add(Sequence("c", list(range(14)), arrival_index=2))
+    assert s.schedule().chunks[0].start == 12
+
+
+def test_lru_evicts_least_recently_released_and_tails_first():
+    s = Scheduler(_cfg(num_pages=12, chunk_size=40))  # 11 usable pages of 4
+    _run_to_end(s, Sequence("a", [1] * 9, arrival_index=0))  # pages a0 a1 cached
+    _run_to_end(s, Sequence("b", [2] * 9, arrival_index=1))  # b0 b1 cached
+    a0, a1 = s.cache.lookup([chain_hash(Sequence("x", [1] * 9, 0), i, 4) for i in range(2)])
+    b0, b1 = s.cache.lookup([chain_hash(Sequence("x", [2] * 9, 0), i, 4) for i in range(2)])
+    assert list(s.cache.lru) == [a1, a0, b1, b0]  # released in order, tail before head
+    assert s.allocator.num_free == 11 and s.allocator.num_cached == 4
+    s.add(Sequence("c", [3] * 33, arrival_index=2))  # 9 pages: 7 free + the 2 oldest cached
+    s.schedule()
+    assert list(s.cache.lru) == [b1, b0] and not s.cache.lookup(
+        [chain_hash(Sequence("x", [1] * 9, 0), 0, 4)])
+
+
+def test_caching_off_shares_nothing():
+    s = Scheduler(_cfg(enable_prefix_caching=False))
+    _run_to_end(s, Sequence("a", list(range(13)), arrival_index=0))
+    assert s.allocator.num_cached == 0 and s.allocator.num_free == s.cfg.num_pages - 1
+    s.add(Sequence("b", list(range(13)), arrival_index=1))
+    assert s.schedule().chunks[0].start == 0

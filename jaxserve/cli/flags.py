@@ -48,6 +48,8 @@ def define_engine_flags() -> None:
     flags.DEFINE_integer("seed", _E.seed, "Seed for requests that give none.")
     flags.DEFINE_enum("weight_layout", _E.weight_layout, WEIGHT_LAYOUTS,
                       "Serving layout of the projection weights (auto: by platform).")
+    flags.DEFINE_boolean("enable_prefix_caching", _E.enable_prefix_caching,
+                         "Share and keep full KV pages of common prefixes (LRU eviction).")
 
 
 def define_sampling_flags() -> None:
