@@ -16,6 +16,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine import Engine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve import scoring
 from jaxserve.scoring import RollingScoreOutput, ScoreOutput, ScoreSummary
 from jaxserve.validation import is_integer
 
@@ -168,8 +169,6 @@ class LLM:
         the vocabulary for every prompt row of such a request, not only the continuation's.
         The run's counts and time are in `last_score_summary`.
         """
-        from jaxserve import scoring
-
         if _is_one_pair(requests):
             requests = [requests]
         tok, max_len = self.tokenizer, self.engine.cfg.max_model_len
@@ -195,8 +194,6 @@ class LLM:
         first token is predicted from the BOS token (else the EOS); a model with neither
         scores every token but the first. Caching and logits: as in `score`.
         """
-        from jaxserve import scoring
-
         if isinstance(documents, str) or _is_ids(documents):
             documents = [documents]
         tok, max_len = self.tokenizer, self.engine.cfg.max_model_len
@@ -219,14 +216,12 @@ class LLM:
     def _run_windows(self, windows, desc: str, use_tqdm: bool
                      ) -> tuple[list[RequestOutput], float]:
         """Runs one engine request per window (all or nothing on a refused one)."""
-        from jaxserve.scoring import SCORE_PARAMS
-
         t0 = time.perf_counter()
         request_ids = [f"{desc}-{next(self._ids)}" for _ in windows]
         added = []
         try:
             for rid, w in zip(request_ids, windows):
-                self.engine.add_request(rid, w.token_ids, SCORE_PARAMS)
+                self.engine.add_request(rid, w.token_ids, scoring.SCORE_PARAMS)
                 added.append(rid)
         except Exception:
             for rid in added:

@@ -104,29 +104,32 @@ def prefix_token_id(tokenizer, eos_token_ids: Sequence[int] = ()) -> int | None:
 def encode_pair(name: str, request, tokenizer, prefix: int | None, vocab_size: int
                 ) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) of one `(context, continuation)` request: two strings or
-    two token-id lists. A ValueError names `name` (e.g. "requests[3]") and the bad value."""
+    two token-id lists. A ValueError names `name` (e.g. "requests[3]"; "" for none) and the bad
+    value."""
+    at = f"{name}: " if name else ""
     if not isinstance(request, (tuple, list)) or len(request) != 2:
-        raise ValueError(f"{name}={show(request)} must be a (context, continuation) pair")
+        raise ValueError(f"{name or 'request'}={show(request)} must be a (context, "
+                         f"continuation) pair")
     context, continuation = request
     if isinstance(context, str) and isinstance(continuation, str):
         if tokenizer is None:
-            raise ValueError(f"{name}: this model has no tokenizer: give token-id lists")
+            raise ValueError(f"{at}this model has no tokenizer: give token-id lists")
         if not continuation:
-            raise ValueError(f"{name}: the continuation is empty (context={show(context)})")
+            raise ValueError(f"{at}the continuation is empty (context={show(context)})")
         ctx, cont = _encode_text_pair(tokenizer, context, continuation)
     elif isinstance(context, str) or isinstance(continuation, str):
-        raise ValueError(f"{name}: context and continuation must both be strings or both "
+        raise ValueError(f"{at}context and continuation must both be strings or both "
                          f"token-id lists, got {type(context).__name__} and "
                          f"{type(continuation).__name__}")
     else:
-        ctx = check_token_ids(f"{name} context", context, vocab_size)
-        cont = check_token_ids(f"{name} continuation", continuation, vocab_size)
+        ctx = check_token_ids(f"{name} context".lstrip(), context, vocab_size)
+        cont = check_token_ids(f"{name} continuation".lstrip(), continuation, vocab_size)
     if not cont:
-        raise ValueError(f"{name}: the continuation {show(continuation)} is empty "
+        raise ValueError(f"{at}the continuation {show(continuation)} is empty "
                          f"(context={show(context)})")
     if not ctx:
         if prefix is None:
-            raise ValueError(f"{name}: the context is empty and this model has no BOS or EOS "
+            raise ValueError(f"{at}the context is empty and this model has no BOS or EOS "
                              f"token to stand for it")
         ctx = [prefix]
     return ctx, cont
@@ -146,7 +149,7 @@ def pair_window(name: str, ctx: list[int], cont: list[int], max_model_len: int) 
     n = len(ctx) + len(cont)
     if n > max_model_len - 1:
         raise ValueError(
-            f"{name}: context + continuation is {n} tokens ({len(ctx)} + {len(cont)}); "
+            f"{name + ': ' if name else ''}context + continuation is {n} tokens ({len(ctx)} + {len(cont)}); "
             f"max_model_len={max_model_len} scores at most {max_model_len - 1} (the engine "
             f"keeps room for one generated token)")
     return Window(ctx + cont, len(cont))
@@ -156,7 +159,8 @@ def encode_document(name: str, document, tokenizer, vocab_size: int) -> list[int
     """A document's tokens: a string (encoded without BOS) or a token-id list."""
     if isinstance(document, str):
         if tokenizer is None:
-            raise ValueError(f"{name}: this model has no tokenizer: give a token-id list")
+            raise ValueError(f"{name + ': ' if name else ''}this model has no tokenizer: give "
+                             f"a token-id list")
         return tokenizer.encode(document, add_bos=False)
     return check_token_ids(name, document, vocab_size)
 

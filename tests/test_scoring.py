@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -149,3 +154,139 @@ def test_rolling_text_and_errors(llm):
     with pytest.raises(ValueError, match=r"documents\[1\]=3.5 must be a list of token ids"):
         llm.score_rolling(["ab", 3.5], use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+# -- jaxserve-score ------------------------------------------------------------------------------
+
+ENGINE_FLAGS = ["--chunk_size=8", "--max_chunk_seqs=2", "--chunk_align=2", "--max_decode_slots=2",
+                "--page_size=4", f"--max_model_len={MAX_LEN}", "--chunk_buckets=1",
+                "--decode_buckets=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from jaxserve.weights import save_safetensors
+    from test_cli import _hf_config
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    save_safetensors(path, tiny_params())
+    (path / "config.json").write_text(json.dumps(_hf_config(TINY)))
+    return path
+
+
+def _score_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxserve.cli.score", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_score_cli_end_to_end_with_bad_lines_and_resume(tiny_folder, tmp_path):
+    pairs = _pairs(4, seed=1)
+    doc = np.random.default_rng(7).integers(0, TINY.vocab_size, 2 * MAX_LEN).tolist()
+    lines = [
+        json.dumps({"context": pairs[0][0], "continuation": pairs[0][1], "id": "a"}),
+        "{not json",
+        json.dumps({"context": pairs[1][0], "continuation": pairs[1][1]}),
+        json.dumps({"context": [1, 2], "continuation": []}),
+        "",
+        json.dumps({"text": doc}),
+        json.dumps({"context": [1] * 10, "continuation": [2] * 6}),
+        json.dumps({"context": "text", "continuation": "needs a tokenizer"}),
+        json.dumps({"context": [4], "continuation": [5], "temperature": 0}),
+        json.dumps({"context": pairs[2][0], "continuation": pairs[2][1]}),
+        json.dumps({"text": []}),
+        json.dumps({"context": pairs[3][0], "continuation": pairs[3][1]}),
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = [f"--model={tiny_folder}", f"--input={inp}", f"--output={out}", *ENGINE_FLAGS]
+    p = _score_cli(*args)
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in recs] == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]
+    errors = {r["line"]: r["error"] for r in recs if "error" in r}
+    assert errors == {
+        2: "not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        4: "the continuation [] is empty (context=[1, 2])",
+        7: "context + continuation is 16 tokens (10 + 6); max_model_len=16 scores at most 15 "
+           "(the engine keeps room for one generated token)",
+        8: "this model has no tokenizer: give token-id lists",
+        9: "unknown field(s) ['temperature']: give \"context\" and \"continuation\", or \"text\"",
+    }
+    for n in errors:
+        assert f"line {n}: skipped" in p.stderr
+    by_line = {r["line"]: r for r in recs}
+    for n, (ctx, cont) in zip([1, 3, 10, 12], pairs):
+        ref = _dense(ctx + cont)[len(ctx):]
+        np.testing.assert_allclose(by_line[n]["token_logprobs"], ref, atol=1e-4)
+        assert abs(by_line[n]["loglik"] - ref.sum()) < 1e-4
+        assert by_line[n]["num_tokens"] == len(cont)
+    assert by_line[1]["id"] == "a"
+    windows = rolling_windows(doc, EOS, MAX_LEN)
+    ref = sum(_dense(w.token_ids)[-w.num_scored:].sum() for w in windows)
+    assert (by_line[6]["num_tokens"], by_line[6]["num_windows"]) == (len(doc), len(windows))
+    assert abs(by_line[6]["loglik"] - ref) < 1e-4
+    assert (by_line[11]["num_tokens"], by_line[11]["loglik"]) == (0, 0.0)
+    assert "Tokens scored" in p.stdout
+
+    # Resume: a run that stopped after one line (and mid-way through writing the next) ends
+    # with the same file.
+    full = out.read_text()
+    out.write_text(full.splitlines(keepends=True)[0] + full.splitlines()[1][:7])
+    again = _score_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 1 line(s) already in" in again.stderr
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    want = [json.loads(x) for x in full.splitlines()]
+    assert [r["line"] for r in got] == [r["line"] for r in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        if "loglik" in w:
+            assert abs(g["loglik"] - w["loglik"]) < 1e-5
+    assert "nothing left to do" in _score_cli(*args).stderr
+
+    # An output written for another input is refused before the model loads.
+    inp.write_text("\n".join(lines[:2] + [json.dumps({"text": [1, 2, 3]})] + lines[3:]) + "\n")
+    other = _score_cli(*args)
+    assert other.returncode == 2
+    assert "its input_sha1 differs from input line 3's" in other.stderr
+    assert "another --input file" in other.stderr
+
+
+def test_score_cli_refuses_bad_flags_before_loading(tiny_folder, tmp_path):
+    p = _score_cli(f"--model={tiny_folder}", "--input=/nonexistent.jsonl", *ENGINE_FLAGS)
+    assert p.returncode == 2
+    assert "jaxserve-score: error: --input='/nonexistent.jsonl': no such file" in p.stderr
+    p = _score_cli(f"--model={tiny_folder}", "--chunk_size=7", *ENGINE_FLAGS[1:])
+    assert p.returncode == 2 and "chunk_size=7 must be a multiple of chunk_align=2" in p.stderr
+
+
+def test_score_cli_interrupted_keeps_finished_lines_and_resumes(tiny_folder, tmp_path):
+    import signal
+
+    from test_cli_robustness import _wait_for_lines
+
+    pairs = _pairs(1500, seed=2)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"context": c, "continuation": k}) + "\n"
+                           for c, k in pairs))
+    out = tmp_path / "out.jsonl"
+    args = [f"--model={tiny_folder}", f"--input={inp}", f"--output={out}", *ENGINE_FLAGS]
+    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli.score", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    _wait_for_lines(out, 5, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "jaxserve-score: interrupted by SIGINT" in err and "Traceback" not in err
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert 5 <= len(first) < len(pairs)
+    p = _score_cli(*args)
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in recs] == list(range(1, len(pairs) + 1))
+    for r in recs[::271]:
+        ctx, cont = pairs[r["line"] - 1]
+        assert abs(r["loglik"] - _dense(ctx + cont)[len(ctx):].sum()) < 1e-4

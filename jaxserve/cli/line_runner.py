@@ -125,7 +125,8 @@ def run_jobs(program: str, engine, jobs: list[LineJob], errors: dict[int, str], 
             continue
         accepted.update({rid: (job, k) for k, rid in enumerate(ids)})
     jobs_run = {job.number: job for job, _ in accepted.values()}
-    writer = output_file.OrderedWriter(output, list(jobs_run) + list(errors), emit=emit,
+    empty = [job.number for job in jobs if not job.requests]
+    writer = output_file.OrderedWriter(output, list(jobs_run) + list(errors) + empty, emit=emit,
                                        enabled=jax.process_index() == 0)
     outs: dict[int, list[RequestOutput | None]] = {
         n: [None] * len(job.requests) for n, job in jobs_run.items()}
@@ -135,6 +136,9 @@ def run_jobs(program: str, engine, jobs: list[LineJob], errors: dict[int, str], 
     try:
         for n, msg in errors.items():
             writer.add({"line": n, "error": msg})
+        for job in jobs:
+            if not job.requests:  # nothing to compute (an empty document)
+                writer.add(job.record([]))
         with tqdm(total=len(jobs_run), desc=desc, unit="line", file=sys.stderr) as bar:
             while engine.has_unfinished() and signals.signum is None:
                 for out in engine.step():
@@ -153,9 +157,10 @@ def run_jobs(program: str, engine, jobs: list[LineJob], errors: dict[int, str], 
         writer.close()  # every finished record reaches the file, whatever happened
     if signals.signum is not None:
         where = f"in {output}" if output else "printed"
+        total = num_done + len(jobs_run) + len(errors) + len(empty)
         print(f"{program}: interrupted by {signal.Signals(signals.signum).name}: "
-              f"{num_done + writer.written} of {num_done + len(jobs_run) + len(errors)} "
-              f"lines done {where}; rerun the same command to resume", file=sys.stderr)
+              f"{num_done + writer.written} of {total} lines done {where}; rerun the same "
+              f"command to resume", file=sys.stderr)
         sys.exit(128 + signals.signum)
     if output and writer.enabled and not output_file.is_sorted(output):
         output_file.sort_file(output)  # an interrupted run wrote some lines early
