@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--max_decode_slots", type=int, default=16)
     ap.add_argument("--max_model_len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--enable_prefix_caching", action="store_true",
+                    help="off by default: the repeats send the same prompts, which the cache "
+                         "would serve")
     ap.add_argument("--weight_layout", default="auto")
     ap.add_argument("--compare_layouts", action="store_true",
                     help="also run weight_layout=hf, interleaved with the main runs")
@@ -53,7 +56,7 @@ def main() -> None:
         params = init_params(cfg, seed=0)
     t_load = time.perf_counter() - t0
     opts = dict(chunk_size=args.chunk_size, max_chunk_seqs=args.max_chunk_seqs,
-                chunk_align=args.chunk_align,
+                chunk_align=args.chunk_align, enable_prefix_caching=args.enable_prefix_caching,
                 max_decode_slots=args.max_decode_slots, page_size=16,
                 max_model_len=args.max_model_len)
     llm = LLM.from_params(cfg, params, weight_layout=args.weight_layout, **opts)
@@ -116,7 +119,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:
             from jaxserve.bench.machine import cpu_description
-            json.dump({"args": vars(args), "cpu": cpu_description(), "startup_s": t_startup, "load_s": t_load,
+            json.dump({"args": vars(args), "cpu": cpu_description(), "startup_s": t_startup,
+                       "load_s": t_load,
                        "runs": runs, "median": med, "stats": stats,
                        "attention_backend": stats["attention_backend"],
                        "compared": other_label, "compared_runs_s": other_runs}, f, indent=1)

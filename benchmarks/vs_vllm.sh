@@ -5,14 +5,16 @@
 #
 # Needs vLLM in its own virtualenv (see BENCHMARKS.md, "Setup"); every run writes its JSON to
 # OUT_DIR (default benchmarks/results/vllm) and its printed tables next to it (.txt). Budget 512
-# prompt tokens per step (+16 decode slots), 16 sequences, float32, greedy, EOS ignored; vLLM's
-# prefix cache is off. Nothing else should run on the machine meanwhile.
+# prompt tokens per step (+16 decode slots), 16 sequences, float32, greedy, EOS ignored; both
+# engines' prefix caches are off (the workloads' prompts share no prefix, but warm-ups and
+# calibration runs may repeat them). Nothing else should run on the machine meanwhile.
 set -euo pipefail
 model=${1:-bench_model}
 out=${2:-benchmarks/results/vllm}
 mkdir -p "$out"
 [ -d "$model" ] || jaxserve-make-bench-model --out="$model"
-common=(--model="$model" --chunk_size=512 --max_decode_slots=16 --peer=vllm --progress=false)
+common=(--model="$model" --chunk_size=512 --max_decode_slots=16 --enable_prefix_caching=false
+        --peer=vllm --progress=false)
 
 run() {  # name, then the workload's flags
   local name=$1; shift

@@ -57,7 +57,7 @@ class StepBatch:
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
     sample: SampleOutput  # per sequence
-    next_tokens: jax.Array  # i32[Sc_mixed + D]; sampled tokens by global index, fed to the next step
+    next_tokens: jax.Array  # i32[Sc_max + D_max]; sampled tokens by global index, for the next step
     prompt_logprobs: jax.Array  # f32[B]; logprob of prompt_targets (0 where none)
     prompt_top_ids: jax.Array  # i32[B, K]
     prompt_top_logprobs: jax.Array  # f32[B, K]

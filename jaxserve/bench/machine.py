@@ -33,4 +33,5 @@ def cpu_description() -> dict:
 
 def cpu_line() -> str:
     d = cpu_description()
-    return f"{d['model']}, {d['cores']} cores, {' '.join(d['vector_extensions']) or 'no SIMD flags'}"
+    simd = " ".join(d["vector_extensions"]) or "no SIMD flags"
+    return f"{d['model']}, {d['cores']} cores, {simd}"
