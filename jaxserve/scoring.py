@@ -148,8 +148,9 @@ def pair_window(name: str, ctx: list[int], cont: list[int], max_model_len: int) 
     """The engine request that scores `cont` after `ctx`, or a ValueError when it is too long."""
     n = len(ctx) + len(cont)
     if n > max_model_len - 1:
+        at = f"{name}: " if name else ""
         raise ValueError(
-            f"{name + ': ' if name else ''}context + continuation is {n} tokens ({len(ctx)} + {len(cont)}); "
+            f"{at}context + continuation is {n} tokens ({len(ctx)} + {len(cont)}); "
             f"max_model_len={max_model_len} scores at most {max_model_len - 1} (the engine "
             f"keeps room for one generated token)")
     return Window(ctx + cont, len(cont))

@@ -290,3 +290,19 @@ def test_score_cli_interrupted_keeps_finished_lines_and_resumes(tiny_folder, tmp
     for r in recs[::271]:
         ctx, cont = pairs[r["line"] - 1]
         assert abs(r["loglik"] - _dense(ctx + cont)[len(ctx):].sum()) < 1e-4
+
+
+def test_is_greedy_reads_the_top1_id_so_a_tie_goes_to_the_lowest_id():
+    from jaxserve.outputs import RequestMetrics, RequestOutput
+    from jaxserve.scoring import window_scores
+
+    def out(entries):
+        return RequestOutput("r", None, [], "", [], "length", None, [None, *entries],
+                             RequestMetrics(0.0), finished=True)
+
+    w = Window([1, 7, 5], 2)
+    # Built as the engine builds them: the top-1 first, then the actual token's own entry.
+    tie = out([{5: -1.0, 7: -1.0}, {5: -0.5}])  # 7 ties with 5: greedy decoding picks 5
+    assert window_scores(tie, w) == ([-1.0, -0.5], False)
+    top = out([{7: -1.0}, {5: -0.5}])
+    assert window_scores(top, w) == ([-1.0, -0.5], True)
