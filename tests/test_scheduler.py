@@ -63,6 +63,7 @@ workloads = st.fixed_dictionaries({
     "requests": st.lists(st.tuples(st.integers(1, 30), st.integers(1, 8), st.integers(0, 3)),
                          min_size=1, max_size=12),
     "finish_seed": st.integers(0, 2**16),
+    "caching": st.booleans(),  # the prompts below share prefixes (0, 1, 2, ...)
 })
 
 
@@ -75,7 +76,8 @@ def test_scheduler_invariants(w):
     cfg = EngineConfig(chunk_size=w["chunk_size"], max_chunk_seqs=w["max_chunk_seqs"],
                        chunk_align=align, max_decode_slots=w["max_decode_slots"],
                        page_size=w["page_size"], num_pages=1 + pages_per_seq + w["extra_pages"],
-                       max_model_len=max_len).resolve(_model(max_len))
+                       max_model_len=max_len, enable_prefix_caching=w["caching"]
+                       ).resolve(_model(max_len))
     s = Scheduler(cfg)
     region = cfg.chunk_tokens
     pending = sorted(enumerate(w["requests"]), key=lambda r: r[1][2])  # by arrival step
