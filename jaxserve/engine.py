@@ -131,7 +131,7 @@ class Engine:
             eos_ids=self.eos_ids, detokenizer=detok)
         # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
         seq = Sequence(request_id=request_id, prompt_ids=ids, arrival_index=next(self._arrivals),
-                       payload=req, reuse_cached_prefix=not req.wants_prompt_logprobs)
+                       payload=req, max_cached_tokens=0 if req.wants_prompt_logprobs else None)
         self._requests[request_id] = seq
         try:
             self.scheduler.add(seq)

@@ -18,9 +18,9 @@ after it is written) and its tokens are known (an output token still in flight i
 `batching.PENDING`). A waiting sequence is admitted with the longest cached run of its full
 pages (shared, reference counts up; `num_computed` starts after them), capped below its last
 token, whose logits are needed: a full hit still computes that token. The pages a sequence
-writes (past the hit) are its own and never shared. A sequence that asks for prompt logprobs
-(`reuse_cached_prefix=False`) computes its whole prompt, since logprobs of cached positions were
-never produced; its pages still enter the cache for others. Preemption and finishing release
+writes (past the hit) are its own and never shared. `max_cached_tokens` caps a hit further: a
+sequence that asks for prompt logprobs has 0 (it computes its whole prompt, since a cached
+position produces no logits); its pages still enter the cache for others. Preemption and finishing release
 pages (cached ones stay cached), so a preempted sequence may find its own pages again.
 """
 
@@ -57,7 +57,9 @@ class Sequence:
     pages: list[int] = dataclasses.field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
-    reuse_cached_prefix: bool = True  # False: compute the whole prompt (prompt logprobs)
+    # Most tokens a prefix-cache hit may cover (None: all but the last). Logits come only from
+    # computed rows: row r gives position r + 1's logprob, so 0 for full prompt logprobs.
+    max_cached_tokens: int | None = None
     cache_salt: Hashable = None  # anything besides the tokens that changes K/V (none today)
     # Chain hashes of the leading full pages whose tokens are known (tokens never change, so
     # these survive preemption), and how many of `pages` are already named in the cache.
@@ -263,9 +265,12 @@ class Scheduler:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached pages holding `seq`'s longest cached prefix, short of its last token."""
-        if self.cache is None or not seq.reuse_cached_prefix:
+        limit = seq.num_tokens - 1
+        if seq.max_cached_tokens is not None:
+            limit = min(limit, seq.max_cached_tokens)
+        if self.cache is None or limit < self.cfg.page_size:
             return []
-        return self.cache.lookup(self._hashes(seq, (seq.num_tokens - 1) // self.cfg.page_size))
+        return self.cache.lookup(self._hashes(seq, limit // self.cfg.page_size))
 
     def _register(self, seq: Sequence) -> None:
         """Names in the cache the pages of `seq` whose K/V is computed and tokens known."""

@@ -200,6 +200,7 @@ cache_workloads = st.fixed_dictionaries({
                          min_size=1, max_size=10),
     "aborts": st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=4),
     "salted": st.booleans(),
+    "caps": st.lists(st.sampled_from([None, None, 0, 3, 9]), min_size=10, max_size=10),
 })
 
 
@@ -239,7 +240,8 @@ def test_prefix_cache_invariants(w):
             prompt = bases[b][:n] + [50 + i] * tail or [1]
             prompt = prompt[: max_len - 1]
             seq = Sequence(str(i), prompt, arrival_index=i, payload=max_out,
-                           cache_salt=b % 2 if w["salted"] else None)
+                           cache_salt=b % 2 if w["salted"] else None,
+                           max_cached_tokens=w["caps"][i])
             seqs.append(seq)
             s.add(seq)
         waiting_before = {id(q) for q in s.waiting}
@@ -254,6 +256,7 @@ def test_prefix_cache_invariants(w):
                 hits += start
                 # A hit is whole pages, short of the last token (its logits are needed).
                 assert start % ps == 0 and start <= seq.num_tokens - 1
+                assert seq.max_cached_tokens is None or start <= seq.max_cached_tokens
             for pos in range(start):  # read: what is there is this sequence's own prefix
                 writer, wpos = content[seq.pages[pos // ps], pos % ps]
                 assert wpos == pos and prefix(writer, pos) == prefix(seq, pos), (
@@ -387,12 +390,15 @@ def test_generated_tokens_are_cached_and_salt_separates():
 
 def test_prompt_logprob_sequences_compute_everything_but_still_cache():
     s = Scheduler(_cfg())
-    _run_to_end(s, Sequence("a", list(range(14)), arrival_index=0, reuse_cached_prefix=False))
-    seq = Sequence("b", list(range(14)), arrival_index=1, reuse_cached_prefix=False)
+    _run_to_end(s, Sequence("a", list(range(14)), arrival_index=0, max_cached_tokens=0))
+    seq = Sequence("b", list(range(14)), arrival_index=1, max_cached_tokens=0)
     s.add(seq)
     assert s.schedule().chunks[0].start == 0
     s.finish(seq)
-    s.add(Sequence("c", list(range(14)), arrival_index=2))
+    s.add(seq := Sequence("c", list(range(14)), arrival_index=2, max_cached_tokens=11))
+    assert s.schedule().chunks[0].start == 8  # a cap below the last token: whole pages under it
+    s.finish(seq)
+    s.add(Sequence("d", list(range(14)), arrival_index=3))
     assert s.schedule().chunks[0].start == 12
 
 
