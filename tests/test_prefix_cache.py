@@ -156,3 +156,14 @@ def test_flag_and_config():
     assert jflags.engine_options(fv)["enable_prefix_caching"] is True
     fv(["prog", "--noenable_prefix_caching"])
     assert jflags.engine_options(fv)["enable_prefix_caching"] is False
+
+
+def test_xla_reference_attention_reads_cached_pages():
+    # The reference path (meshes, platforms without a kernel) gathers pages by the page table too.
+    xla = make(attention="xla")
+    prompts = shared_prefix_prompts(5, 4, 29)
+    outs = generate(xla, prompts[:1]) + generate(xla, prompts[1:])
+    assert xla.stats["prefix_cache_hit_tokens"] >= 3 * 28
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 6)
+    assert xla.stats["compiles_after_warmup"] == 0
