@@ -20,8 +20,9 @@ pages (shared, reference counts up; `num_computed` starts after them), capped be
 token, whose logits are needed: a full hit still computes that token. The pages a sequence
 writes (past the hit) are its own and never shared. `max_cached_tokens` caps a hit further: a
 sequence that asks for prompt logprobs has 0 (it computes its whole prompt, since a cached
-position produces no logits); its pages still enter the cache for others. Preemption and finishing release
-pages (cached ones stay cached), so a preempted sequence may find its own pages again.
+position produces no logits); its pages still enter the cache for others. Preemption and
+finishing release pages (cached ones stay cached), so a preempted sequence may find its own
+pages again.
 """
 
 from __future__ import annotations
