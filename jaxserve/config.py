@@ -232,9 +232,11 @@ class EngineConfig:
     chunk_align: int = 8
     max_decode_slots: int = 16
     # Steps compiled in several sizes so that light load does not pay for the full shape: the
-    # chunk region halves this many times (512, 256, 128) and the decode-only step that many
-    # (16, 8); each step runs in the smallest that holds its work. 1 = one size each.
-    chunk_buckets: int = 3
+    # chunk region in this many evenly spaced sizes (512: 128, 256, 384, 512) and the
+    # decode-only step in halvings (16, 8); each step runs in the smallest that holds its
+    # work. Even spacing bounds the padding a step computes to chunk_size / chunk_buckets rows
+    # (halvings would waste up to half the region). 1 = one size each.
+    chunk_buckets: int = 4
     decode_buckets: int = 2
     page_size: int = 16
     num_pages: int = 0  # 0: enough for every decode slot at max_model_len, plus the trash page
@@ -309,11 +311,10 @@ class EngineConfig:
 
     @property
     def chunk_bucket_sizes(self) -> tuple[int, ...]:
-        """Chunk-region sizes compiled, ascending: the region halved up to chunk_buckets - 1
-        times, each a positive multiple of chunk_align."""
-        b, a = self.chunk_tokens, self.chunk_align
-        sizes = {b >> i for i in range(self.chunk_buckets)}
-        return tuple(sorted(x for x in sizes if x >= a and x % a == 0)) or (b,)
+        """Chunk-region sizes compiled, ascending: k/n of the region for k = 1..n
+        (n = chunk_buckets), each rounded up to a multiple of chunk_align."""
+        b, a, n = self.chunk_tokens, self.chunk_align, self.chunk_buckets
+        return tuple(sorted({min(b, -(-b * k // (n * a)) * a) for k in range(1, n + 1)}))
 
     @property
     def decode_bucket_sizes(self) -> tuple[int, ...]:

@@ -6,6 +6,8 @@ nothing after its abort, every invalid one is refused with a message naming the 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -87,7 +89,11 @@ def roomy_output(roomy, ids, params):
     return _ROOMY[key]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 60 mixes in CI (over 1,000 requests); JAXSERVE_FUZZ_MIXES=2000 for a long run.
+MIXES = int(os.environ.get("JAXSERVE_FUZZ_MIXES", "60"))
+
+
+@settings(max_examples=MIXES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mix=st.lists(request(), min_size=15, max_size=50))
 def test_random_request_mixes(engines, mix):
     eng, roomy = engines

@@ -96,14 +96,14 @@ def test_a_long_prompt_takes_the_budget_then_shares_it():
 
 
 def test_light_steps_run_in_the_smallest_compiled_shape():
-    # Buckets: chunk regions of 16, 8, 4 rows (each with the 3 decode rows) and decode-only
-    # steps of 2 and 3 rows. A 3-token prompt alone runs in the 4-row region, then decodes in
-    # the 2-row step; outputs equal the dense reference's whatever shape ran them.
+    # Buckets: chunk regions of 4, 8, 12 and 16 rows (each with the 3 decode rows) and
+    # decode-only steps of 2 and 3 rows. A 3-token prompt alone runs in the 4-row region, then
+    # decodes in the 2-row step; outputs equal the dense reference's whatever shape ran them.
     llm = _llm(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4,
                max_model_len=64)
-    assert llm.engine.cfg.chunk_bucket_sizes == (4, 8, 16)
+    assert llm.engine.cfg.chunk_bucket_sizes == (4, 8, 12, 16)
     assert llm.engine.cfg.decode_bucket_sizes == (2, 3)
-    assert llm.stats["executables_compiled"] == 5
+    assert llm.stats["executables_compiled"] == 6
     rng = np.random.default_rng(9)
     prompt = rng.integers(0, TINY.vocab_size, size=3).tolist()
     first = len(llm.engine.step_log)
@@ -119,7 +119,7 @@ def test_light_steps_run_in_the_smallest_compiled_shape():
     outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False, sampling_params=SamplingParams(
         max_tokens=2, temperature=0, ignore_eos=True))
     rows = {r.rows for r in list(llm.engine.step_log)[first:]}
-    assert 16 + 3 in rows and rows <= {2, 3, 4 + 3, 8 + 3, 16 + 3}
+    assert 16 + 3 in rows and rows <= {2, 3, 4 + 3, 8 + 3, 12 + 3, 16 + 3}
     for p, o in zip(prompts, outs):
         assert o.token_ids == dense_greedy(TINY, tiny_params(), p, 2)
     assert llm.stats["compiles_after_warmup"] == 0

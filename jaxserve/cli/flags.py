@@ -33,7 +33,7 @@ def define_engine_flags() -> None:
     flags.DEFINE_integer("max_decode_slots", _E.max_decode_slots,
                          "Decode slots per step (= most sequences running at once).")
     flags.DEFINE_integer("chunk_buckets", _E.chunk_buckets,
-                         "Chunk-region sizes compiled (halving from --chunk_size).")
+                         "Chunk-region sizes compiled (k/n of --chunk_size, k = 1..n).")
     flags.DEFINE_integer("decode_buckets", _E.decode_buckets,
                          "Decode-step sizes compiled (halving from --max_decode_slots).")
     flags.DEFINE_integer("page_size", _E.page_size, "Tokens per KV-cache page.")
