@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +63,32 @@ def char_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
     return Tokenizer(tok, bos_token_id=None, eos_token_ids=())
+
+
+def hf_config(cfg) -> dict:
+    """A Hugging Face config.json for a ModelConfig (what the CLI tests' model folders hold)."""
+    return {
+        "architectures": [cfg.architecture], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope.theta, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "eos_token_id": list(cfg.eos_token_ids), "hidden_act": "silu",
+    }
+
+
+def write_tiny_model(path):
+    """The tiny model as a Hugging Face folder at `path` (weights + config.json); returns it."""
+    from jaxserve.weights import save_safetensors
+
+    save_safetensors(path, tiny_params())
+    (path / "config.json").write_text(json.dumps(hf_config(TINY)))
+    return path
+
+
+def run_cli(module: str, *args, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m jaxserve.cli.<module> args...` as a user runs it, on the CPU."""
+    return subprocess.run([sys.executable, "-m", f"jaxserve.cli.{module}", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))

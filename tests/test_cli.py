@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from engine_helpers import TINY, dense_greedy, tiny_params
-from jaxserve.weights import save_safetensors
-
-
-def _hf_config(cfg) -> dict:
-    return {
-        "architectures": [cfg.architecture], "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope.theta, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "eos_token_id": list(cfg.eos_token_ids), "hidden_act": "silu",
-    }
+from engine_helpers import TINY, dense_greedy, run_cli, tiny_params, write_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    save_safetensors(path, tiny_params())
-    (path / "config.json").write_text(json.dumps(_hf_config(TINY)))
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def _run(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxserve.cli.generate", *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return run_cli("generate", *args, timeout=timeout)
 
 
 def test_generate_jsonl_with_bad_lines(tiny_folder, tmp_path):

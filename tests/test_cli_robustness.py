@@ -14,20 +14,15 @@ import time
 
 import pytest
 
-from engine_helpers import TINY, dense_greedy, tiny_params
+from engine_helpers import TINY, dense_greedy, hf_config, tiny_params, write_tiny_model
 from jaxserve.cli import output_file
-from jaxserve.weights import save_safetensors
-from test_cli import _hf_config
 
 ENGINE = ["--chunk_size=8", "--max_decode_slots=2", "--page_size=8", "--max_model_len=64"]
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    save_safetensors(path, tiny_params())
-    (path / "config.json").write_text(json.dumps(_hf_config(TINY)))
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def _cmd(*args):
@@ -56,7 +51,7 @@ def test_bad_flags_are_refused_before_loading(tiny_folder, flag, message):
 
 
 def test_a_model_that_fails_to_load_exits_1_naming_the_file(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(_hf_config(TINY)))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(TINY)))
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     p = _run(f"--model={tmp_path}", *ENGINE)
     assert p.returncode == 1, p.stderr

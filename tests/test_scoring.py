@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine_helpers import TINY, char_tokenizer, dense_greedy, dense_logprobs, tiny_params
+from engine_helpers import (TINY, char_tokenizer, dense_greedy, dense_logprobs, run_cli,
+                            tiny_params, write_tiny_model)
 from jaxserve.llm import LLM
 from jaxserve.scoring import Window, rolling_windows
 
@@ -165,19 +166,11 @@ ENGINE_FLAGS = ["--chunk_size=8", "--max_chunk_seqs=2", "--chunk_align=2", "--ma
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from jaxserve.weights import save_safetensors
-    from test_cli import _hf_config
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    save_safetensors(path, tiny_params())
-    (path / "config.json").write_text(json.dumps(_hf_config(TINY)))
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def _score_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxserve.cli.score", *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return run_cli("score", *args, timeout=timeout)
 
 
 def test_score_cli_end_to_end_with_bad_lines_and_resume(tiny_folder, tmp_path):
