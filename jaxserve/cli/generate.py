@@ -22,7 +22,7 @@ from absl import app, flags
 
 from jaxserve.cli import flags as jflags
 from jaxserve.cli import line_runner, output_file
-from jaxserve.cli.line_runner import EXIT_BAD_INPUT, LineJob, Signals
+from jaxserve.cli.line_runner import LineJob, Signals
 from jaxserve.cli.prompt_file import PromptLine, parse_prompt_lines, read_lines
 from jaxserve.metrics import format_table, summarize
 
@@ -79,14 +79,14 @@ def _prepare():
     path = FLAGS.model or DEMO_MODEL_PATH
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model={path!r}: no such folder")
-    cfg = jflags.checked_engine_config(FLAGS, ModelConfig.from_pretrained(path))
+    jflags.checked_engine_config(FLAGS, ModelConfig.from_pretrained(path))  # refuses bad flags
     tokenizer = (Tokenizer.from_pretrained(path)
                  if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
     lines, errors = parse_prompt_lines(raw, defaults, tokenizer)
     done = {}
     if FLAGS.output:
         done = output_file.read_done(FLAGS.output, raw, {ln.number: ln.prompt for ln in lines})
-    return cfg, raw, lines, errors, done
+    return lines, errors, done
 
 
 def main(argv) -> None:
@@ -95,24 +95,19 @@ def main(argv) -> None:
 
 
 def _main(signals: Signals) -> None:
-    try:
-        cfg, raw, lines, errors, done = _prepare()
-    except (ValueError, OSError) as e:
-        line_runner.fail(PROGRAM, EXIT_BAD_INPUT, e)
-    todo = [ln for ln in lines if ln.number not in done]
-    new_errors = {n: m for n, m in errors.items() if n not in done}
-    if not line_runner.report_plan(FLAGS.output, new_errors, done, len(todo)):
+    plan = line_runner.start(PROGRAM, FLAGS, _prepare)
+    if plan is None:
         return
-    llm = line_runner.load_llm(PROGRAM, FLAGS)
     t0 = time.perf_counter()
     jobs = [LineJob(ln.number, [(ln.token_ids, ln.params, ln.prompt)],
-                    lambda outs, ln=ln: _record(ln, outs[0])) for ln in todo]
-    finished = line_runner.run_jobs(PROGRAM, llm.engine, jobs, new_errors, output=FLAGS.output,
-                                    signals=signals, num_done=len(done), desc="generate",
+                    lambda outs, ln=ln: _record(ln, outs[0])) for ln in plan.todo]
+    finished = line_runner.run_jobs(PROGRAM, plan.llm.engine, jobs, plan.new_errors,
+                                    output=FLAGS.output, signals=signals,
+                                    num_done=plan.num_done, desc="generate",
                                     emit=_print_record)
     wall = time.perf_counter() - t0
-    print(_summary([o for o in finished if o.finish_reason != "error"], wall, llm.engine.stats,
-                   len(errors)))
+    print(_summary([o for o in finished if o.finish_reason != "error"], wall,
+                   plan.llm.engine.stats, plan.num_errors))
 
 
 def _summary(outputs, wall: float, stats: dict, num_errors: int) -> str:

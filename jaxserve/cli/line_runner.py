@@ -72,6 +72,32 @@ class LineJob:
     record: Callable[[list[RequestOutput]], dict]  # the finished outputs -> the line's record
 
 
+@dataclasses.dataclass
+class Plan:
+    """What a run has to do once its input is checked and its model loaded."""
+
+    todo: list  # the input lines still to run
+    new_errors: dict[int, str]  # bad lines not yet recorded in the output
+    num_errors: int  # bad lines in the whole input
+    num_done: int  # lines already in the output (a resumed run)
+    llm: object  # jaxserve.llm.LLM
+
+
+def start(program: str, fv, prepare: Callable[[], tuple]) -> Plan | None:
+    """Checks the input (`prepare() -> (lines, bad-line errors, done)`; a bad flag or file
+    exits 2 before anything loads), reports the plan, then loads the model. None: nothing is
+    left to do (said)."""
+    try:
+        lines, errors, done = prepare()
+    except (ValueError, OSError) as e:
+        fail(program, EXIT_BAD_INPUT, e)
+    todo = [ln for ln in lines if ln.number not in done]
+    new_errors = {n: m for n, m in errors.items() if n not in done}
+    if not report_plan(fv.output, new_errors, done, len(todo)):
+        return None
+    return Plan(todo, new_errors, len(errors), len(done), load_llm(program, fv))
+
+
 def report_plan(output: str | None, errors: dict[int, str], done: dict, num_todo: int) -> bool:
     """Says which lines are skipped and what a resumed run has left; False: nothing to do."""
     for number, msg in sorted(errors.items()):

@@ -33,7 +33,7 @@ from absl import app, flags
 from jaxserve import scoring
 from jaxserve.cli import flags as jflags
 from jaxserve.cli import line_runner, output_file
-from jaxserve.cli.line_runner import EXIT_BAD_INPUT, LineJob, Signals
+from jaxserve.cli.line_runner import LineJob, Signals
 from jaxserve.cli.prompt_file import decode_line, read_lines
 from jaxserve.jsonl import parse_object
 from jaxserve.metrics import format_table
@@ -167,15 +167,9 @@ def main(argv) -> None:
 
 
 def _main(signals: Signals) -> None:
-    try:
-        lines, errors, done = _prepare()
-    except (ValueError, OSError) as e:
-        line_runner.fail(PROGRAM, EXIT_BAD_INPUT, e)
-    todo = [ln for ln in lines if ln.number not in done]
-    new_errors = {n: m for n, m in errors.items() if n not in done}
-    if not line_runner.report_plan(FLAGS.output, new_errors, done, len(todo)):
+    plan = line_runner.start(PROGRAM, FLAGS, _prepare)
+    if plan is None:
         return
-    llm = line_runner.load_llm(PROGRAM, FLAGS)
     t0 = time.perf_counter()
     records = []
 
@@ -186,11 +180,11 @@ def _main(signals: Signals) -> None:
         return LineJob(line.number, [(w.token_ids, scoring.SCORE_PARAMS, None)
                                      for w in line.windows], finish)
 
-    line_runner.run_jobs(PROGRAM, llm.engine, [job(ln) for ln in todo], new_errors,
-                         output=FLAGS.output, signals=signals, num_done=len(done), desc="score",
-                         emit=_print_record)
+    line_runner.run_jobs(PROGRAM, plan.llm.engine, [job(ln) for ln in plan.todo],
+                         plan.new_errors, output=FLAGS.output, signals=signals,
+                         num_done=plan.num_done, desc="score", emit=_print_record)
     wall = time.perf_counter() - t0
-    print(_summary(records, todo, wall, llm.engine.stats, len(errors)))
+    print(_summary(records, plan.todo, wall, plan.llm.engine.stats, plan.num_errors))
 
 
 def _summary(records: list[dict], todo: list[ScoreLine], wall: float, stats: dict,
