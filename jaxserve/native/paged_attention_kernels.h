@@ -44,26 +44,6 @@ struct Dims {
   int64_t heads, head_dim, kv_heads, num_pages, page_size, pages_per_seq, num_slots, layers;
 };
 
-// exp for the softmax: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf's
-// coefficients), ~1 ulp on the arguments softmax produces (<= 0); written so the compiler
-// vectorizes it, which libm's expf is not without -ffast-math (and that breaks -inf).
-inline float softmax_exp(float x) {
-  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: a weight of nothing, never a denormal
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
 // Loads n query vectors (query i from src(i)), scaled, and starts their online softmax.
 template <typename T, typename Src>
 inline void start_queries(int64_t n, int64_t dh, float scale, Src src, float* qf, float* acc,
@@ -182,8 +162,10 @@ inline VecF opaque(VecF v) {
   return v;
 }
 
-// softmax_exp on a vector: the same range reduction and polynomial (with AVX-512, n rounded
-// to nearest and 2^n applied by scalef).
+// exp for the softmax, on a vector: Cody-Waite range reduction and a degree-6 polynomial
+// (Cephes expf's coefficients), ~1 ulp on the arguments softmax produces (<= 0); libm's expf
+// does not vectorize without -ffast-math, which breaks -inf. With AVX-512, n is rounded to
+// nearest and 2^n applied by scalef.
 inline VecF vexp(VecF x) {
   x = vmax(x, vsplat(-87.0f));
 #if defined(__AVX512F__)
