@@ -15,6 +15,7 @@ from typing import Callable
 
 from jaxserve.bench import report as rep
 from jaxserve.bench import roofline, runner, workloads
+from jaxserve.bench.score_workload import ScoreJob
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.metrics import goodput
 
@@ -38,6 +39,7 @@ class BenchOptions:
     long_output_len: int = 16
     long_prompt_interval_s: float = 0.0  # 0: spread over the streams' decodes (calibrated)
     trace_file: str | None = None
+    score_job: ScoreJob = dataclasses.field(default_factory=ScoreJob)  # workload=score
     compare_chunking: bool = False
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -55,6 +57,11 @@ class BenchOptions:
             raise ValueError("workload=trace needs a trace_file")
         if self.peer not in PEERS:
             raise ValueError(f"peer={self.peer!r} must be one of {PEERS[1:]} or unset")
+        if self.workload == "score" and self.compare_chunking:
+            raise ValueError("workload=score compares the prefix cache on and off, not "
+                             "chunking; drop --compare_chunking")
+        if self.workload == "score" and self.peer == "hf":
+            raise ValueError("workload=score has no Hugging Face peer; use --peer=vllm")
         for name in ("num_prompts", "input_len", "output_len", "num_streams",
                      "stream_prompt_len", "num_long_prompts", "long_prompt_len",
                      "long_output_len"):
@@ -141,6 +148,12 @@ def run_benchmark(opts: BenchOptions, model_cfg: ModelConfig, params, engine_opt
     from jaxserve.engine import Engine
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if opts.workload == "score":  # pairs through LLM.score, not requests on the clock
+        from jaxserve.bench.score_bench import run_score_benchmark
+        if opts.peer == "vllm" and vllm is None:
+            vllm = check_vllm(opts, model_path, log)
+        return run_score_benchmark(opts, model_cfg, params, engine_options,
+                                   model_path=model_path, engines=engines, log=log, vllm=vllm)
     keep_engines = engines is not None
     engines = {} if engines is None else engines
     sampling = dict(sampling or {})

@@ -17,6 +17,18 @@ scheduled time, not from when it was added), and the engine steps while anything
 Every token is stamped with the time the `step()` that returned it came back. RESULT.json has,
 per request, its arrival, first-token, every token's and finish time in seconds after the run's
 start, its lengths and output token ids, plus the steps' times, vLLM's version and start-up time.
+
+A scoring job (`--workload=score`) has "score" instead of "warmup" and "requests":
+
+  {"score": {"warmup": [PAIR, ...], "pairs": [PAIR, ...]}},  PAIR = {"id", "prompt_token_ids",
+                                                                       "num_scored"}
+
+scored as lm-evaluation-harness's vLLM backend scores: every pair is one request with
+SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, detokenize=False), all added at
+once; the last `num_scored` prompt positions are read. RESULT.json then has "wall_s" (first
+request added -> last output back), per pair its "token_logprobs" and "is_greedy" (lm-eval's
+rule: the continuation token is the max of each position's logprob dict) and vLLM's
+"num_cached_tokens", and the "skip_reading_prefix_cache" vLLM set on the sampling params.
 """
 
 from __future__ import annotations
@@ -87,6 +99,42 @@ def replay(engine, vllm, requests: list[dict], clock=time.perf_counter,
     return {"requests": results, "steps": steps, "wall_s": wall}
 
 
+def _score_params(vllm):
+    from vllm.sampling_params import RequestOutputKind
+
+    return vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1,
+                               detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def score(engine, vllm, pairs: list[dict], clock=time.perf_counter) -> dict:
+    """Every pair added at once (lm-eval hands vLLM the whole batch), stepped until done; the
+    scored positions read after the clock stops, as lm-eval parses after generate returns."""
+    from vllm.inputs import TokensPrompt
+
+    params = _score_params(vllm)
+    finals = {}
+    t0 = clock()
+    for p in pairs:
+        engine.add_request(p["id"], TokensPrompt(prompt_token_ids=p["prompt_token_ids"]), params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    wall = clock() - t0
+    results = []
+    for p in pairs:
+        out, ids = finals[p["id"]], p["prompt_token_ids"]
+        logprobs, greedy = [], True
+        for pos in range(len(ids) - p["num_scored"], len(ids)):
+            entry = {t: lp.logprob for t, lp in out.prompt_logprobs[pos].items()}
+            logprobs.append(entry[ids[pos]])
+            greedy = greedy and max(entry, key=entry.get) == ids[pos]
+        results.append({"id": p["id"], "token_logprobs": logprobs, "is_greedy": greedy,
+                        "num_cached_tokens": out.num_cached_tokens})
+    return {"wall_s": wall, "pairs": results,
+            "skip_reading_prefix_cache": getattr(params, "skip_reading_prefix_cache", None)}
+
+
 def main(job_path: str, result_path: str) -> None:
     with open(job_path, encoding="utf-8") as f:
         job = json.load(f)
@@ -100,13 +148,19 @@ def main(job_path: str, result_path: str) -> None:
     startup_s = time.perf_counter() - t_start
     print(f"vllm worker: engine up in {startup_s:.1f} s", file=sys.stderr, flush=True)
 
-    w = job.get("warmup")
-    if w:  # twice, untimed: the first pass pays one-time costs (as jaxserve's warm-up)
-        for k in range(2):
-            replay(engine, vllm, [{"id": f"warmup-{k}", "arrival_s": 0.0,
-                                   "prompt_token_ids": w["prompt_token_ids"],
-                                   "max_tokens": w["max_tokens"]}])
-    result = replay(engine, vllm, job["requests"])
+    if "score" in job:
+        for k in range(2):  # untimed, as jaxserve's warm-up: one-time costs
+            score(engine, vllm, [{**p, "id": f"warmup-{k}-{p['id']}"}
+                                 for p in job["score"]["warmup"]])
+        result = score(engine, vllm, job["score"]["pairs"])
+    else:
+        w = job.get("warmup")
+        if w:  # twice, untimed: the first pass pays one-time costs (as jaxserve's warm-up)
+            for k in range(2):
+                replay(engine, vllm, [{"id": f"warmup-{k}", "arrival_s": 0.0,
+                                       "prompt_token_ids": w["prompt_token_ids"],
+                                       "max_tokens": w["max_tokens"]}])
+        result = replay(engine, vllm, job["requests"])
     try:
         import torch
         torch_info = {"torch_version": torch.__version__}

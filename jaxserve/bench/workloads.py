@@ -16,7 +16,8 @@ import numpy as np
 from jaxserve.jsonl import parse_object
 from jaxserve.sampling_params import SamplingParams
 
-WORKLOADS = ("offline", "online", "interference", "trace")
+# "score" is the multiple-choice scoring job: pairs, not requests (score_workload.py).
+WORKLOADS = ("offline", "online", "interference", "trace", "score")
 
 
 @dataclasses.dataclass(frozen=True)

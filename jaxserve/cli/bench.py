@@ -5,12 +5,18 @@
   jaxserve-bench --model=DIR --workload=interference --compare_chunking \
       --json_out=out/interference.json --plot_out=out/interference.png
   jaxserve-bench --model=DIR --workload=trace --trace_file=trace.jsonl
+  jaxserve-bench --model=DIR --workload=score --peer=vllm --json_out=out/score.json
 
 Workloads: offline (N requests at once: throughput), online (Poisson arrivals at --request_rate
 on the real clock: TTFT / TPOT / ITL / E2E latency, goodput at the SLOs), interference (decode
 streams while long prompts arrive mid-decode: the stall chunking removes), trace (replay a JSONL
 file, one request a line: {"arrival_s", "prompt_token_ids", "max_tokens"} + optional "id" and
-sampling fields; a bad line is reported with its number and skipped). Random workloads draw
+sampling fields; a bad line is reported with its number and skipped), score (multiple-choice
+scoring as lm-evaluation-harness does it: --score_prefixes few-shot prefixes of
+--score_prefix_len tokens, --score_items items each one prefix + a question, --score_choices
+continuations each; every pair through LLM.score with the prefix cache on and then off, wall
+time, tokens computed, hit rate, speed-up and whether the scores are identical; with
+--peer=vllm, vLLM scoring the same pairs through prompt_logprobs=1). Random workloads draw
 seeded token ids and ignore EOS, so each request produces exactly its output length.
 
 --compare_chunking runs the same workload with chunking (--chunk_size) and without (one chunk
@@ -35,6 +41,8 @@ import sys
 from absl import app, flags
 
 from jaxserve.bench import report as rep
+from jaxserve.bench import score_report
+from jaxserve.bench.score_workload import ScoreJob
 from jaxserve.bench.suite import BenchOptions, check_vllm, run_benchmark
 from jaxserve.bench.workloads import WORKLOADS
 from jaxserve.cli import flags as jflags
@@ -63,6 +71,16 @@ flags.DEFINE_float("long_prompt_interval_s", _B.long_prompt_interval_s,
                    "stream has its first token; 0 = spread them over the streams' decodes, "
                    "timed by a warm-up on this machine.")
 flags.DEFINE_string("trace_file", None, "trace: JSONL file of requests to replay.")
+_S = ScoreJob
+flags.DEFINE_integer("score_prefixes", _S.num_prefixes,
+                     "score: few-shot prefixes; item i uses prefix i % this.")
+flags.DEFINE_integer("score_prefix_len", _S.prefix_len, "score: tokens of each prefix.")
+flags.DEFINE_integer("score_items", _S.num_items, "score: items (questions).")
+flags.DEFINE_integer("score_choices", _S.num_choices, "score: continuations per item.")
+flags.DEFINE_list("score_question_len", [str(n) for n in _S.question_len],
+                  "score: LO,HI tokens of each item's question (uniform).")
+flags.DEFINE_list("score_continuation_len", [str(n) for n in _S.continuation_len],
+                  "score: LO,HI tokens of each continuation (uniform).")
 flags.DEFINE_boolean("compare_chunking", _B.compare_chunking,
                      "Run chunked (--chunk_size) and unchunked, side by side.")
 flags.DEFINE_float("slo_ttft_ms", None, "Goodput SLO on time to first token (ms).")
@@ -90,6 +108,25 @@ flags.FLAGS.set_default("temperature", 0.0)
 FLAGS = flags.FLAGS
 
 
+def _range(name: str) -> tuple[int, int]:
+    value = FLAGS[name].value
+    try:
+        lo, hi = (int(v) for v in value)
+    except ValueError:
+        raise ValueError(f"--{name}={','.join(value)} must be two integers LO,HI") from None
+    return lo, hi
+
+
+def score_job() -> ScoreJob:
+    try:
+        return ScoreJob(num_prefixes=FLAGS.score_prefixes, prefix_len=FLAGS.score_prefix_len,
+                        num_items=FLAGS.score_items, num_choices=FLAGS.score_choices,
+                        question_len=_range("score_question_len"),
+                        continuation_len=_range("score_continuation_len"))
+    except ValueError as e:
+        raise ValueError(f"score job: {e}") from None
+
+
 def options() -> BenchOptions:
     return BenchOptions(
         workload=FLAGS.workload, num_prompts=FLAGS.num_prompts, input_len=FLAGS.input_len,
@@ -98,6 +135,7 @@ def options() -> BenchOptions:
         stream_prompt_len=FLAGS.stream_prompt_len, num_long_prompts=FLAGS.num_long_prompts,
         long_prompt_len=FLAGS.long_prompt_len, long_output_len=FLAGS.long_output_len,
         long_prompt_interval_s=FLAGS.long_prompt_interval_s, trace_file=FLAGS.trace_file,
+        score_job=score_job(),
         compare_chunking=FLAGS.compare_chunking, slo_ttft_ms=FLAGS.slo_ttft_ms,
         slo_tpot_ms=FLAGS.slo_tpot_ms, seed=FLAGS.seed, peer=FLAGS.peer,
         vllm_python=FLAGS.vllm_python,
@@ -115,6 +153,10 @@ def sampling() -> dict:
 
 
 def print_report(out: dict) -> None:
+    if out["workload"] == "score":
+        print(score_report.machine_line(out["machine"]))
+        score_report.print_report(out)
+        return
     print(rep.machine_table(out["machine"]))
     for run in out["runs"]:
         print(rep.serve_table(run))
@@ -168,6 +210,8 @@ def main(argv) -> None:
 
     from jaxserve.llm import DEMO_MODEL_PATH
 
+    if FLAGS.plot_out and FLAGS.workload == "score":
+        sys.exit("error: --plot_out plots token times; workload=score has none")
     if FLAGS.plot_out:  # fail before the long run, not after it
         from jaxserve.bench.plot import require_matplotlib
         try:
