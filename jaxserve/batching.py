@@ -56,7 +56,6 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, global_chunk_seqs: 
     sp = batch.sampling
     sampled: list[Sampled] = []
     chunk_rows: list[ChunkRows] = []
-    want_prompt = False
 
     def fill(i: int, row0: int, seq: Sequence, start: int, length: int, samples: bool):
         pages = np.asarray(seq.pages, np.int32)
@@ -90,13 +89,13 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, global_chunk_seqs: 
         fill(i, row0, seq, work.start, work.length, work.samples)
         req: Request = seq.payload
         if req.wants_prompt_logprobs:
-            n_prompt = len(seq.prompt_ids)
-            nxt = np.arange(work.start + 1, work.start + work.length + 1)
-            has = nxt < n_prompt
-            batch.prompt_targets[row0: row0 + work.length] = np.where(
-                has, [seq.prompt_ids[j] if j < n_prompt else -1 for j in nxt], -1)
-            want_prompt |= bool(has.any())
-            chunk_rows.append(ChunkRows(seq, row0, work.start, work.length))
+            # Row r predicts position start + r + 1: a target where that position is asked for.
+            first, n_prompt = req.params.prompt_logprobs_start, len(seq.prompt_ids)
+            nxt = range(work.start + 1, work.start + work.length + 1)
+            targets = [seq.prompt_ids[j] if first <= j < n_prompt else -1 for j in nxt]
+            if max(targets) >= 0:
+                batch.prompt_targets[row0: row0 + work.length] = targets
+                chunk_rows.append(ChunkRows(seq, row0, work.start, work.length))
     # Unused decode slots keep q_starts at their row (q_lens 0), as the layout says.
     batch.q_starts[sc:] = b + np.arange(d, dtype=np.int32)
     # Longest contexts first: the reference attention buckets decode slots in groups.
@@ -105,6 +104,5 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, global_chunk_seqs: 
         fill(sc + j, b + j, seq, seq.num_computed, 1, True)
 
     want_top = any(x.seq.payload.params.logprobs for x in sampled)
-    batch = dataclasses.replace(batch, want_prompt_logprobs=np.bool_(want_prompt),
-                                want_top_logprobs=np.bool_(want_top))
+    batch = dataclasses.replace(batch, want_top_logprobs=np.bool_(want_top))
     return batch, SlotPlan(sampled=sampled, chunk_rows=chunk_rows)

@@ -116,6 +116,10 @@ class Engine:
         params = SamplingParams.coerce(params)
         ids = self._validate_prompt(request_id, prompt_token_ids)
         self._validate_params(request_id, params)
+        start = params.prompt_logprobs_start
+        if params.prompt_logprobs is not None and start >= len(ids):
+            raise ValueError(f"request {request_id!r}: prompt_logprobs_start={start} is past the "
+                             f"prompt's last position {len(ids) - 1}")
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"prompt={show(prompt)} must be a string or None")
         if arrival_time is not None:
@@ -129,9 +133,11 @@ class Engine:
             request_id=request_id, prompt=prompt, prompt_ids=ids, params=params, seed=seed,
             metrics=RequestMetrics(arrival_time=arrival_time or time.perf_counter()),
             eos_ids=self.eos_ids, detokenizer=detok)
-        # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
+        # The logprob of position p comes from row p - 1: the prompt before the first position
+        # asked for may come from the prefix cache, no further.
         seq = Sequence(request_id=request_id, prompt_ids=ids, arrival_index=next(self._arrivals),
-                       payload=req, max_cached_tokens=0 if req.wants_prompt_logprobs else None)
+                       payload=req, max_cached_tokens=max(start - 1, 0)
+                       if req.wants_prompt_logprobs else None)
         self._requests[request_id] = seq
         try:
             self.scheduler.add(seq)
@@ -376,12 +382,13 @@ class Engine:
         seq, row0, start, length = rows.seq, rows.first_row, rows.first_position, rows.length
         req: Request = seq.payload
         k = req.params.prompt_logprobs
-        n_prompt = len(seq.prompt_ids)
+        n_prompt, first = len(seq.prompt_ids), req.params.prompt_logprobs_start
         # Row r predicts position start + r + 1; a recomputed chunk (after preemption)
         # finds its entries filled and leaves them.
         for r in range(row0, row0 + length):
             target_pos = start + (r - row0) + 1
-            if target_pos >= n_prompt or req.prompt_logprobs[target_pos] is not None:
+            if (not first <= target_pos < n_prompt
+                    or req.prompt_logprobs[target_pos] is not None):
                 continue
             entry = {int(i): float(v) for i, v in zip(top_ids[r, :k], top_lp[r, :k])}
             entry[seq.prompt_ids[target_pos]] = float(lp[r])

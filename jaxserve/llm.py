@@ -163,11 +163,11 @@ class LLM:
         anything runs: an empty continuation, context + continuation over `max_model_len - 1`
         tokens, an item that is not a pair of strings or of token-id lists.
 
-        Each request is an engine request asking prompt logprobs (`scoring.SCORE_PARAMS`). Two
-        later optimisations: with prefix caching, a request that asks prompt logprobs does not
-        use the cache yet (its context is computed again), and the engine computes logits over
-        the vocabulary for every prompt row of such a request, not only the continuation's.
-        The run's counts and time are in `last_score_summary`.
+        Each request is an engine request asking the continuation's prompt logprobs only
+        (`scoring.window_params`): its context may come from the prefix cache (a few-shot prefix
+        shared by many items is computed once) and only the continuation's rows produce logits.
+        Scores are the same to the bit with the cache on or off. The run's counts and time are
+        in `last_score_summary`.
         """
         if _is_one_pair(requests):
             requests = [requests]
@@ -179,10 +179,10 @@ class LLM:
             ctx, cont = scoring.encode_pair(f"requests[{i}]", req, tok, prefix, vocab)
             pairs.append((ctx, cont))
             windows.append(scoring.pair_window(f"requests[{i}]", ctx, cont, max_len))
-        outs, wall = self._run_windows(windows, "score", use_tqdm)
+        outs, wall, cached = self._run_windows(windows, "score", use_tqdm)
         results = [scoring.pair_output(o, w, ctx, cont)
                    for o, w, (ctx, cont) in zip(outs, windows, pairs)]
-        self._summarize(len(results), windows, sum(len(c) for _, c in pairs), wall)
+        self._summarize(len(results), windows, sum(len(c) for _, c in pairs), wall, cached)
         return results
 
     def score_rolling(self, documents, *, use_tqdm: bool = True) -> list[RollingScoreOutput]:
@@ -192,7 +192,8 @@ class LLM:
         Documents longer than a window (`max_model_len - 1` tokens) are scored in several, each
         token exactly once (`jaxserve.scoring.rolling_windows`); length is never an error. The
         first token is predicted from the BOS token (else the EOS); a model with neither
-        scores every token but the first. Caching and logits: as in `score`.
+        scores every token but the first. Caching and logits: as in `score` (a window's
+        overlap with the previous one is context, and may come from the cache).
         """
         if isinstance(documents, str) or _is_ids(documents):
             documents = [documents]
@@ -205,35 +206,41 @@ class LLM:
             docs.append(ids)
             per_doc.append(scoring.rolling_windows(ids, prefix, max_len))
         windows = [w for ws in per_doc for w in ws]
-        outs, wall = self._run_windows(windows, "score_rolling", use_tqdm)
+        outs, wall, cached = self._run_windows(windows, "score_rolling", use_tqdm)
         results, at = [], 0
         for ids, ws in zip(docs, per_doc):
             results.append(scoring.rolling_output(outs[at:at + len(ws)], ws, ids))
             at += len(ws)
-        self._summarize(len(results), windows, sum(r.num_tokens for r in results), wall)
+        self._summarize(len(results), windows, sum(r.num_tokens for r in results), wall,
+                        cached)
         return results
 
     def _run_windows(self, windows, desc: str, use_tqdm: bool
-                     ) -> tuple[list[RequestOutput], float]:
-        """Runs one engine request per window (all or nothing on a refused one)."""
+                     ) -> tuple[list[RequestOutput], float, int]:
+        """Runs one engine request per window (all or nothing on a refused one): (outputs,
+        wall time, tokens served from the prefix cache)."""
         t0 = time.perf_counter()
+        hits = self.engine.stats["prefix_cache_hit_tokens"]
         request_ids = [f"{desc}-{next(self._ids)}" for _ in windows]
         added = []
         try:
             for rid, w in zip(request_ids, windows):
-                self.engine.add_request(rid, w.token_ids, scoring.SCORE_PARAMS)
+                self.engine.add_request(rid, w.token_ids, scoring.window_params(w))
                 added.append(rid)
         except Exception:
             for rid in added:
                 self.engine.abort(rid)
             raise
         done = run_to_completion(self.engine, len(windows), progress=use_tqdm, desc=desc)
-        return [done[rid] for rid in request_ids], time.perf_counter() - t0
+        cached = self.engine.stats["prefix_cache_hit_tokens"] - hits
+        return [done[rid] for rid in request_ids], time.perf_counter() - t0, cached
 
-    def _summarize(self, n: int, windows, scored: int, wall: float) -> None:
+    def _summarize(self, n: int, windows, scored: int, wall: float, cached: int) -> None:
         self.last_score_summary = ScoreSummary(
             requests=n, engine_requests=len(windows), tokens_scored=scored,
-            tokens_computed=sum(len(w.token_ids) for w in windows), wall_s=wall)
+            tokens=sum(len(w.token_ids) for w in windows),
+            tokens_cached=cached,
+            wall_s=wall)
         log.info("scored %d request(s), %d token(s) in %.2f s", n, scored, wall)
 
 

@@ -25,6 +25,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top logprobs per output token (the sampled one always)
     prompt_logprobs: int | None = None  # top logprobs per prompt token (its own always)
+    # The first prompt position whose logprob is returned (earlier ones are None). Only the
+    # positions asked for produce logits, and the prompt before `start - 1` may come from the
+    # prefix cache: scoring asks only for its continuation this way.
+    prompt_logprobs_start: int = 0
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -58,6 +62,8 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             put(name, check_optional_int(name, getattr(self, name), low=0,
                                          what=" >= 0 or None"))
+        put("prompt_logprobs_start", check_int("prompt_logprobs_start",
+                                               self.prompt_logprobs_start, low=0))
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":

@@ -2,9 +2,10 @@
 documents in windows (`LLM.score_rolling`, for perplexity), as lm-evaluation-harness asks them.
 
 Both run on the engine's prompt-logprobs path: a scoring request is an engine request of the
-sequence to score with `SCORE_PARAMS` (one greedy output token, prompt_logprobs=1), and its
-`prompt_logprobs[i]` holds the logprob of token i given tokens < i together with the top-1
-token. This module is the host side: turning inputs into token sequences (and windows),
+sequence to score with `SCORE_PARAMS` (one greedy output token, prompt_logprobs=1) starting at
+its first scored position (`prompt_logprobs_start`), and its `prompt_logprobs[i]` holds the
+logprob of token i given tokens < i together with the top-1 token. The context before the
+scored positions may come from the prefix cache and produces no logits. This module is the host side: turning inputs into token sequences (and windows),
 checking them, and reading the results; it imports no jax.
 
 Choices, following lm-evaluation-harness where it has one:
@@ -35,8 +36,8 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.validation import check_token_ids, show
 
-# What every scoring request asks the engine: one greedy token (discarded) and, per prompt
-# position, the actual token's logprob plus the top-1 (the argmax, for is_greedy).
+# What every scoring request asks the engine: one greedy token (discarded) and, per scored
+# prompt position, the actual token's logprob plus the top-1 (the argmax, for is_greedy).
 SCORE_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, seed=0,
                               ignore_eos=True)
 
@@ -76,19 +77,25 @@ class ScoreSummary:
     requests: int  # inputs scored (pairs or documents)
     engine_requests: int  # windows for rolling scoring, = requests otherwise
     tokens_scored: int
-    tokens_computed: int  # every token of every engine request (contexts, window overlaps)
+    tokens: int  # every token of every engine request (contexts, window overlaps)
+    tokens_cached: int  # of those, served from the prefix cache
     wall_s: float
 
     @property
+    def tokens_computed(self) -> int:
+        return self.tokens - self.tokens_cached
+
+    @property
     def tokens_per_s(self) -> float:
-        return self.tokens_computed / self.wall_s if self.wall_s > 0 else 0.0
+        """Every engine request's tokens (cached or computed) per second."""
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def rows(self) -> list[tuple[str, str]]:
         return [("Requests", f"{self.requests}"), ("Engine requests", f"{self.engine_requests}"),
                 ("Tokens scored", f"{self.tokens_scored}"),
-                ("Tokens computed", f"{self.tokens_computed}"),
+                ("Tokens (from the prefix cache)", f"{self.tokens} ({self.tokens_cached})"),
                 ("Wall time (s)", f"{self.wall_s:.2f}"),
-                ("Tokens computed/s", f"{self.tokens_per_s:.1f}")]
+                ("Tokens/s", f"{self.tokens_per_s:.1f}")]
 
 
 def prefix_token_id(tokenizer, eos_token_ids: Sequence[int] = ()) -> int | None:
@@ -189,6 +196,13 @@ def rolling_windows(token_ids: list[int], prefix: int | None, max_model_len: int
         windows.append(Window(token_ids[end - m - 1:end], scored))
         predicted = end
     return windows
+
+
+def window_params(window: Window) -> SamplingParams:
+    """`SCORE_PARAMS` asking only the scored positions' logprobs: the context before them may
+    come from the prefix cache, and only the scored rows produce logits."""
+    start = len(window.token_ids) - window.num_scored
+    return dataclasses.replace(SCORE_PARAMS, prompt_logprobs_start=start)
 
 
 def window_scores(out: RequestOutput, window: Window) -> tuple[list[float], bool]:

@@ -48,8 +48,8 @@ class StepBatch:
     page_table: jax.Array  # i32[S, pages_per_seq]; unused entries 0
     sample_index: jax.Array  # i32[S]; the row whose logits each sequence samples from
     sampling: SamplingInputs  # per sequence
-    prompt_targets: jax.Array  # i32[B]; the next prompt token after each chunk row, -1 none
-    want_prompt_logprobs: jax.Array  # bool[]; computes the [B, vocab] prompt logprobs only if set
+    # i32[B]; the next prompt token after each chunk row where its logprob is asked, else -1
+    prompt_targets: jax.Array
     want_top_logprobs: jax.Array  # bool[]; computes the per-sequence top-K logprobs only if set
 
 
@@ -63,12 +63,37 @@ class StepOutput:
     prompt_top_logprobs: jax.Array  # f32[B, K]
 
 
+# Prompt logprobs are computed for the rows that ask for them only, gathered into blocks of
+# this many rows: the cost follows the rows asked for (scoring asks for a continuation's few
+# rows, not the context's), and a row's logits always come from the same [block, hidden] x
+# [hidden, vocab] product, whatever else the step holds. 64 rows keep the product on the
+# skinny-matmul side of the CPU's native kernel and read the vocabulary matrix once per block.
+PROMPT_LOGITS_BLOCK = 64
+
+
 def _prompt_logprobs(model, hidden, targets, num_top):
-    """hidden [N, hidden], targets i32[N] -> (f32[N], i32[N, K], f32[N, K])."""
-    lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
-    chosen = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(lp, num_top)
-    return jnp.where(targets >= 0, chosen, 0.0), top_ids.astype(jnp.int32), top_lp
+    """hidden [N, hidden], targets i32[N] (-1: not asked) -> (f32[N], i32[N, K], f32[N, K]),
+    zeros where not asked."""
+    n = targets.shape[0]
+    block = min(PROMPT_LOGITS_BLOCK, n)
+    num_blocks = -(-n // block)
+    wanted = targets >= 0
+    # The asked rows first, then n (out of range: reads clamp, writes drop).
+    rows = jnp.nonzero(wanted, size=num_blocks * block, fill_value=n)[0].astype(jnp.int32)
+
+    def one_block(i, acc):
+        idx = jax.lax.dynamic_slice(rows, (i * block,), (block,))
+        safe = jnp.minimum(idx, n - 1)
+        lp = jax.nn.log_softmax(model.logits(hidden[safe]), axis=-1)
+        chosen = jnp.take_along_axis(lp, jnp.maximum(targets[safe], 0)[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(lp, num_top)
+        return tuple(a.at[idx].set(v, mode="drop")
+                     for a, v in zip(acc, (chosen, top_ids.astype(jnp.int32), top_lp)))
+
+    init = (jnp.zeros((n,), jnp.float32), jnp.zeros((n, num_top), jnp.int32),
+            jnp.zeros((n, num_top), jnp.float32))
+    used_blocks = (wanted.sum() + block - 1) // block
+    return jax.lax.fori_loop(0, used_blocks, one_block, init)
 
 
 def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: jax.Array,
@@ -104,15 +129,11 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
                    .at[global_chunk_seqs:global_chunk_seqs + d].set(out.tokens[sc:]))
 
     n = shape.chunk_tokens
-    empty = (jnp.zeros((n,), jnp.float32), jnp.zeros((n, num_top), jnp.int32),
-             jnp.zeros((n, num_top), jnp.float32))
     if n:
-        prompt = jax.lax.cond(
-            batch.want_prompt_logprobs,
-            lambda: _prompt_logprobs(model, hidden[:n], batch.prompt_targets, num_top),
-            lambda: empty)
+        prompt = _prompt_logprobs(model, hidden[:n], batch.prompt_targets, num_top)
     else:
-        prompt = empty
+        prompt = (jnp.zeros((0,), jnp.float32), jnp.zeros((0, num_top), jnp.int32),
+                  jnp.zeros((0, num_top), jnp.float32))
     return StepOutput(out, next_tokens, *prompt), cache
 
 
@@ -128,7 +149,7 @@ def example_batch(shape: AttentionShape) -> StepBatch:
         sampling=SamplingInputs(
             temperature=np.zeros(s, np.float32), top_k=zi(s), top_p=np.ones(s, np.float32),
             min_p=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32), gen_index=zi(s)),
-        prompt_targets=np.full(b, -1, np.int32), want_prompt_logprobs=np.bool_(False),
+        prompt_targets=np.full(b, -1, np.int32),
         want_top_logprobs=np.bool_(False))
 
 

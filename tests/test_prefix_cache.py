@@ -105,6 +105,40 @@ def test_prompt_logprobs_are_exact_with_caching_on(on):
     assert hit_tokens(on) > before
 
 
+def test_prompt_logprobs_start_takes_the_context_from_the_cache(on, off):
+    """Asking prompt logprobs from position `start` on lets the prompt before `start - 1` come
+    from the cache, and the entries are the same to the bit as when it is computed."""
+    prompt = shared_prefix_prompts(5, 1, 30)[0] + [7, 8, 9, 10, 11]
+    start = 31
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2,
+                        prompt_logprobs_start=start)
+    generate(on, [prompt[:28]])  # caches 7 pages (28 tokens)
+    before = hit_tokens(on)
+    got = generate(on, [prompt], sp)[0].prompt_logprobs
+    # Position 31's logprob comes from row 30, so up to 30 tokens may be cached: 7 full pages.
+    assert hit_tokens(on) - before == 28
+    want = generate(off, [prompt], sp)[0].prompt_logprobs
+    assert got[:start] == [None] * start
+    assert got == want  # exact: from the cache or computed, the same arithmetic per row
+    ref = dense_logprobs(TINY, tiny_params(), prompt)
+    for i in range(start, len(prompt)):
+        for tok, lp in got[i].items():
+            assert abs(lp - ref[i - 1, tok]) < 1e-4, (i, tok)
+    # The whole prompt's logprobs agree with the partial ones where both exist.
+    full = generate(off, [prompt], SamplingParams(max_tokens=1, temperature=0,
+                                                  prompt_logprobs=2))[0].prompt_logprobs
+    assert full[start:] == got[start:]
+
+
+def test_prompt_logprobs_start_past_the_prompt_is_refused(on):
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=1, prompt_logprobs_start=3)
+    with pytest.raises(ValueError, match=r"prompt_logprobs_start=3 is past the prompt's last "
+                                         r"position 2"):
+        on.engine.add_request("r", [1, 2, 3], sp)
+    with pytest.raises(ValueError, match=r"prompt_logprobs_start=-1 must be an integer >= 0"):
+        SamplingParams(prompt_logprobs_start=-1)
+
+
 def test_preemption_with_caching_on_gives_correct_outputs():
     tight = make(num_pages=17)  # 16 pages of 4: two 40-token sequences do not fit
     rng = np.random.default_rng(3)

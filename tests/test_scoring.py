@@ -58,11 +58,35 @@ def test_score_matches_the_dense_reference_in_input_order(llm):
     s = llm.last_score_summary
     assert (s.requests, s.tokens_scored) == (12, sum(len(c) for _, c in pairs))
     # One pair alone is a request, not a list of them; the order does not change a score.
+    # Scores are the same to the bit alone, in another order and from the prefix cache.
     one = llm.score(pairs[3], use_tqdm=False)
-    assert len(one) == 1 and abs(one[0].loglik - outs[3].loglik) < 1e-5
+    assert len(one) == 1 and one[0] == outs[3]
     rev = llm.score(pairs[::-1], use_tqdm=False)
-    np.testing.assert_allclose([o.loglik for o in rev[::-1]], [o.loglik for o in outs],
-                               atol=1e-5)
+    assert rev[::-1] == outs
+
+
+def test_shared_contexts_come_from_the_cache_with_identical_scores(llm):
+    """Items share a context (a few-shot prefix); each has several continuations. With the
+    prefix cache the contexts are computed about once; without it every time; the scores are
+    the same to the bit."""
+    rng = np.random.default_rng(7)
+    shared = rng.integers(0, TINY.vocab_size, 8).tolist()
+    pairs = [(shared + rng.integers(0, TINY.vocab_size, int(rng.integers(0, 3))).tolist(),
+              rng.integers(0, TINY.vocab_size, int(rng.integers(1, 5))).tolist())
+             for _ in range(10)]
+    on = llm.score(pairs, use_tqdm=False)
+    s = llm.last_score_summary
+    assert s.tokens == sum(len(c) + len(k) for c, k in pairs)
+    assert s.tokens_cached >= 8 * 8  # the 8-token context (2 pages) for all but the first few
+    assert s.tokens_computed == s.tokens - s.tokens_cached
+    off = LLM.from_params(TINY, tiny_params(), char_tokenizer(), strict_compiles=True,
+                          chunk_size=8, max_chunk_seqs=2, chunk_align=2, max_decode_slots=2,
+                          page_size=4, max_model_len=MAX_LEN, max_logprobs=2,
+                          enable_prefix_caching=False)
+    assert off.score(pairs, use_tqdm=False) == on
+    assert off.last_score_summary.tokens_cached == 0
+    for (ctx, cont), out in zip(pairs, on):
+        np.testing.assert_allclose(out.token_logprobs, _dense(ctx + cont)[len(ctx):], atol=1e-4)
 
 
 def test_is_greedy_exactly_when_every_token_is_the_argmax(llm):

@@ -171,26 +171,28 @@ def _main(signals: Signals) -> None:
     if plan is None:
         return
     t0 = time.perf_counter()
+    hits = plan.llm.engine.stats["prefix_cache_hit_tokens"]
     records = []
 
     def job(line: ScoreLine) -> LineJob:
         def finish(outs) -> dict:
             records.append(record(line, outs))
             return records[-1]
-        return LineJob(line.number, [(w.token_ids, scoring.SCORE_PARAMS, None)
+        return LineJob(line.number, [(w.token_ids, scoring.window_params(w), None)
                                      for w in line.windows], finish)
 
     line_runner.run_jobs(PROGRAM, plan.llm.engine, [job(ln) for ln in plan.todo],
                          plan.new_errors, output=FLAGS.output, signals=signals,
                          num_done=plan.num_done, desc="score", emit=_print_record)
     wall = time.perf_counter() - t0
-    print(_summary(records, plan.todo, wall, plan.llm.engine.stats, plan.num_errors))
+    print(_summary(records, plan.todo, wall, plan.llm.engine.stats, plan.num_errors,
+                   cached=plan.llm.engine.stats["prefix_cache_hit_tokens"] - hits))
 
 
 def _summary(records: list[dict], todo: list[ScoreLine], wall: float, stats: dict,
-             num_errors: int) -> str:
+             num_errors: int, cached: int) -> str:
     good = [r for r in records if "error" not in r]
-    computed = sum(len(w.token_ids) for ln in todo for w in ln.windows)
+    tokens = sum(len(w.token_ids) for ln in todo for w in ln.windows)
     rows = [
         ("Lines scored", f"{len(good)}"),
         ("Pairs", f"{sum('is_greedy' in r for r in good)}"),
@@ -198,9 +200,9 @@ def _summary(records: list[dict], todo: list[ScoreLine], wall: float, stats: dic
         ("Bad lines skipped", f"{num_errors}"),
         ("Failed in the engine", f"{len(records) - len(good)}"),
         ("Tokens scored", f"{sum(r['num_tokens'] for r in good)}"),
-        ("Tokens computed", f"{computed}"),
+        ("Tokens (from the prefix cache)", f"{tokens} ({cached})"),
         ("Wall time (s)", f"{wall:.2f}"),
-        ("Tokens computed/s", f"{computed / wall if wall > 0 else 0.0:.1f}"),
+        ("Tokens/s", f"{tokens / wall if wall > 0 else 0.0:.1f}"),
         ("Steps", f"{stats['steps']}"),
         ("Executables compiled", f"{stats['executables_compiled']}"),
         ("Compiles after warm-up", f"{stats['compiles_after_warmup']}"),
