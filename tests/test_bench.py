@@ -14,10 +14,12 @@ import sys
 import numpy as np
 import pytest
 
-from engine_helpers import TINY, tiny_params
+from engine_helpers import TINY, dense_logprobs, tiny_params
 from jaxserve.config import EngineConfig
 from jaxserve.bench import report as rep
-from jaxserve.bench import roofline, workloads
+from jaxserve.bench import roofline, score_report, score_workload, workloads
+from jaxserve.bench.score_bench import compare_scores
+from jaxserve.bench.score_workload import ScoreJob
 from jaxserve.bench.runner import StepTiming
 from jaxserve.bench.suite import BenchOptions, mode_config, run_benchmark
 from jaxserve.metrics import distribution
@@ -320,6 +322,27 @@ def test_cli_offline_json(tiny_folder, tmp_path):
     check_report(json.loads(out.read_text()), 2)
 
 
+def test_cli_score_json(tiny_folder, tmp_path):
+    out = tmp_path / "score.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli.bench", f"--model={tiny_folder}",
+         "--workload=score", "--score_prefixes=2", "--score_prefix_len=16", "--score_items=4",
+         "--score_choices=3", "--score_question_len=2,5", "--score_continuation_len=1,3",
+         "--chunk_size=8", "--max_decode_slots=2", "--page_size=8", "--max_model_len=64",
+         "--noprogress", f"--json_out={out}"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr
+    assert "LLM.score: prefix cache on vs off" in p.stdout and "speed-up" in p.stdout
+    report = json.loads(out.read_text())
+    check_score_report(report, TINY_JOB)
+    assert report["comparison"]["scores"]["identical"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli.bench", f"--model={tiny_folder}",
+         "--workload=score", "--score_question_len=5"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert bad.returncode != 0 and "--score_question_len=5 must be two integers" in bad.stderr
+
+
 def test_cli_reports_a_missing_model(tmp_path):
     p = subprocess.run([sys.executable, "-m", "jaxserve.cli.bench", f"--model={tmp_path}"],
                        capture_output=True, text=True, timeout=120,
@@ -357,6 +380,18 @@ class EngineArgs:
 class SamplingParams:
     def __init__(self, **kw):
         self.__dict__.update(kw)
+        # as vLLM 0.32: a request asking prompt logprobs never reads the prefix cache
+        self.skip_reading_prefix_cache = kw.get("prompt_logprobs") is not None
+
+
+def fake_prompt_logprob(prev, tok):
+    """The fake model's logprob of `tok` after `prev`, and its argmax there."""
+    return -((prev * 31 + tok) % 11) / 8, (prev * 7) % 97
+
+
+class Logprob:
+    def __init__(self, logprob):
+        self.logprob = logprob
 
 
 class LLMEngine:
@@ -367,7 +402,8 @@ class LLMEngine:
         return e
 
     def add_request(self, rid, prompt, params):
-        self.waiting.append([rid, prompt["prompt_token_ids"], params.max_tokens, []])
+        self.waiting.append([rid, prompt["prompt_token_ids"], params.max_tokens, [],
+                             getattr(params, "prompt_logprobs", None) is not None])
 
     def has_unfinished_requests(self):
         return bool(self.waiting or self.running)
@@ -378,10 +414,17 @@ class LLMEngine:
         time.sleep(0.002)
         outs = []
         for r in self.running:
-            rid, prompt, n, toks = r
+            rid, prompt, n, toks, scoring = r
             toks.append((sum(prompt) + len(toks)) % 97)
+            plp = None
+            if scoring:
+                plp = [None]
+                for prev, tok in zip(prompt, prompt[1:]):
+                    lp, top = fake_prompt_logprob(prev, tok)
+                    plp.append({top: Logprob(0.0), tok: Logprob(lp)})
             outs.append(SimpleNamespace(request_id=rid, finished=len(toks) == n,
-                                        outputs=[SimpleNamespace(token_ids=list(toks))]))
+                                        outputs=[SimpleNamespace(token_ids=list(toks))],
+                                        prompt_logprobs=plp, num_cached_tokens=0))
         self.running = [r for r in self.running if len(r[3]) < r[2]]
         return outs
 '''
@@ -395,7 +438,8 @@ def fake_vllm(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text(FAKE_VLLM)
     (pkg / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n"
                                    "    return {'prompt_token_ids': prompt_token_ids}\n")
-    (pkg / "sampling_params.py").write_text("class RequestOutputKind:\n    CUMULATIVE = 0\n")
+    (pkg / "sampling_params.py").write_text(
+        "class RequestOutputKind:\n    CUMULATIVE = 0\n    FINAL_ONLY = 2\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake_site"))
     monkeypatch.setenv("JAXSERVE_VLLM_PYTHON", sys.executable)
     model = tmp_path / "model"
@@ -509,13 +553,15 @@ def test_vllm_missing_says_what_to_install(monkeypatch, tmp_path):
             vllm_peer.probe(sys.executable)
 
 
-def test_vllm_missing_is_refused_before_any_run(tmp_path):
+@pytest.mark.parametrize("workload", ["offline", "score"])
+def test_vllm_missing_is_refused_before_any_run(tmp_path, workload):
     """The CLI names what to install, up front, without a traceback."""
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(HF_CONFIG))
     p = subprocess.run(
         [sys.executable, "-m", "jaxserve.cli.bench", f"--model={folder}", "--peer=vllm",
+         f"--workload={workload}",
          f"--vllm_python={tmp_path / 'no-venv' / 'bin' / 'python'}"],
         capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert p.returncode != 0
@@ -570,3 +616,164 @@ def test_groups_split_the_interference_requests():
     assert groups_json(reqs[:2], wall_s=2.0) == {}  # one group: nothing to split
     table = groups_table([{"mode": "chunked", "groups": g}], {"mode": "vllm", "groups": g})
     assert "stream: P99 ITL (ms)" in table and "1.000" in table
+
+
+# -- the score workload (multiple choice through LLM.score) ---------------------------------
+
+# Two prefixes of two full pages (page_size=8), 4 items of 3 choices: 12 pairs, <= 24 tokens.
+TINY_JOB = ScoreJob(num_prefixes=2, prefix_len=16, num_items=4, question_len=(2, 5),
+                    num_choices=3, continuation_len=(1, 3))
+
+
+def test_score_workload_shape():
+    job = ScoreJob()
+    assert (job.num_prefixes, job.prefix_len, job.num_items, job.num_choices, job.num_pairs,
+            job.question_len, job.continuation_len) == (4, 384, 128, 4, 512, (16, 48), (1, 12))
+    pairs = score_workload.multiple_choice(job, vocab_size=32000, seed=0)
+    assert len(pairs) == 512 and len({p.id for p in pairs}) == 512
+    prefixes = {}
+    for p in pairs:
+        assert p.prefix == p.item % 4 and 0 <= p.choice < 4
+        prefixes.setdefault(p.prefix, p.context[:384])
+        assert p.context[:384] == prefixes[p.prefix]  # every item of a prefix shares it
+        assert 16 <= len(p.context) - 384 <= 48 and 1 <= len(p.continuation) <= 12
+        assert all(0 <= t < 32000 for t in p.context + p.continuation)
+    assert len({tuple(v) for v in prefixes.values()}) == 4  # four different prefixes
+    for item in range(128):  # an item's choices share its whole context, and differ
+        choices = pairs[4 * item:4 * item + 4]
+        assert [p.choice for p in choices] == [0, 1, 2, 3]
+        assert all(p.context == choices[0].context for p in choices)
+        assert len({tuple(p.continuation) for p in choices}) == 4
+    assert len({tuple(pairs[4 * i].context) for i in range(128)}) == 128  # own questions
+    # Seeded: the same job again, another with another seed; the warm-up stream shares nothing.
+    again = score_workload.multiple_choice(job, vocab_size=32000, seed=0)
+    assert [(p.context, p.continuation) for p in again] == [
+        (p.context, p.continuation) for p in pairs]
+    assert score_workload.multiple_choice(job, 32000, seed=1)[0].context != pairs[0].context
+    warm = score_workload.multiple_choice(score_workload.warmup_job(job), 32000, seed=0,
+                                          stream=score_workload.WARMUP_STREAM)
+    assert len(warm) == 4 and warm[0].context[:384] not in prefixes.values()
+    d = score_workload.describe(job, pairs)
+    assert d["num_pairs"] == 512 and d["tokens"] == sum(
+        len(p.context) + len(p.continuation) for p in pairs)
+    # The trie: 4 prefixes + each item's question + each choice, nothing shared by chance.
+    assert d["distinct_tokens"] == 4 * 384 + sum(
+        len(pairs[4 * i].context) - 384 for i in range(128)) + d["scored_tokens"]
+    assert score_workload.distinct_tokens([[1, 2, 3], [1, 2, 4], [1, 5], [1, 2]]) == 5
+    with pytest.raises(ValueError, match="continuation_len"):
+        ScoreJob(continuation_len=(0, 3))
+    with pytest.raises(ValueError, match="compare_chunking"):
+        BenchOptions(workload="score", compare_chunking=True)
+    with pytest.raises(ValueError, match="peer=vllm"):
+        BenchOptions(workload="score", peer="hf")
+
+
+def check_score_report(out: dict, job: ScoreJob) -> None:
+    assert out["workload"] == "score"
+    assert out["job"]["num_pairs"] == job.num_pairs == len(out["pairs"])
+    assert set(out["machine"]) >= {"platform", "cpu_count", "jax_version", "cpu"}
+    assert [(r["mode"], r["enable_prefix_caching"]) for r in out["runs"]] == [
+        ("cache_on", True), ("cache_off", False)]
+    on, off = out["runs"]
+    # The same engine otherwise.
+    assert {**on["engine"], "enable_prefix_caching": None} == {
+        **off["engine"], "enable_prefix_caching": None}
+    for run in out["runs"]:
+        assert set(run) >= {"wall_s", "pairs_per_s", "tokens_computed", "steps",
+                            "prefix_cache_hit_rate", "prefix_cache_hit_tokens", "scores",
+                            "compiles_after_warmup", "score_summary"}
+        assert run["compiles_after_warmup"] == 0 and run["decode_steps"] == 0
+        assert run["pairs_per_s"] == pytest.approx(job.num_pairs / run["wall_s"])
+        assert len(run["scores"]["loglik"]) == job.num_pairs
+        assert run["score_summary"]["requests"] == job.num_pairs
+        assert run["prefix_cache_query_tokens"] == out["job"]["tokens"]  # each pair admitted once
+    c = out["comparison"]
+    assert c["speedup"] == pytest.approx(off["wall_s"] / on["wall_s"])
+    assert set(c["scores"]) >= {"max_abs_loglik_diff", "max_abs_token_logprob_diff",
+                                "is_greedy_agreement", "identical", "choice_agreement"}
+    json.dumps(rep.jsonable(out), allow_nan=False)
+
+
+def test_score_cache_on_and_off(engines):
+    """The job through LLM.score twice: with the cache, contexts come from pages other pairs
+    computed (fewer tokens), and the scores are the same to the bit and the dense model's."""
+    out = bench(engines, workload="score", score_job=TINY_JOB, seed=1)
+    check_score_report(out, TINY_JOB)
+    on, off = out["runs"]
+    assert off["prefix_cache_hit_tokens"] == 0
+    assert off["tokens_computed"] == out["job"]["tokens"]  # every token of every pair
+    assert on["prefix_cache_hit_rate"] > 0.3  # the prefixes and each item's shared context
+    assert on["tokens_computed"] + on["prefix_cache_hit_tokens"] == out["job"]["tokens"]
+    assert on["tokens_computed"] < off["tokens_computed"]
+    assert out["comparison"]["tokens_computed_ratio"] > 1.5
+    s = out["comparison"]["scores"]
+    assert s["identical"] and s["max_abs_loglik_diff"] == 0 and s["is_greedy_agreement"] == 1
+    pairs = score_workload.multiple_choice(TINY_JOB, TINY.vocab_size, seed=1)
+    for k in (0, 5, 11):  # against the dense reference
+        p = pairs[k]
+        lp = dense_logprobs(TINY, tiny_params(), p.context + p.continuation)
+        want = [lp[len(p.context) + j - 1, t] for j, t in enumerate(p.continuation)]
+        assert on["scores"]["token_logprobs"][k] == pytest.approx(want, abs=1e-4)
+    text = score_report.cache_table(out)
+    assert "prefix cache on vs off" in text and "identical to the bit" in text
+
+
+def test_compare_scores_finds_any_difference():
+    pairs = score_workload.multiple_choice(ScoreJob(num_prefixes=1, prefix_len=2, num_items=2,
+                                                    question_len=(1, 1), num_choices=2,
+                                                    continuation_len=(2, 2)), 50, seed=0)
+    a = {"token_logprobs": [[-1.0, -2.0], [-0.5, -0.5], [-3.0, -1.0], [-1.0, -1.0]],
+         "is_greedy": [False, True, False, False]}
+    a["loglik"] = [sum(x) for x in a["token_logprobs"]]
+    assert compare_scores(a, a, pairs)["identical"]
+    b = json.loads(json.dumps(a))
+    b["token_logprobs"][2][1] = -1.0 + 1e-7
+    b["loglik"][2] = sum(b["token_logprobs"][2])
+    c = compare_scores(a, b, pairs)
+    assert not c["identical"] and c["is_greedy_agreement"] == 1
+    assert c["max_abs_token_logprob_diff"] == pytest.approx(1e-7, rel=1e-3)
+    b["is_greedy"][0] = True
+    b["loglik"][3] = -5.0  # item 1 now picks choice 0 (-4 > -5), not 1
+    c = compare_scores(a, b, pairs)
+    assert (c["is_greedy_disagreements"], c["choice_agreement"]) == (1, 0.5)
+    with pytest.raises(ValueError, match="different pairs"):
+        compare_scores(a, {**b, "token_logprobs": b["token_logprobs"][:3]})
+
+
+def test_score_vllm_peer_with_a_fake_vllm(engines, fake_vllm):
+    """--peer=vllm on the score job: the worker's scoring path in its own process (prompt
+    logprobs of every pair, read at the continuation), merged beside jaxserve's runs."""
+    out = run_benchmark(
+        BenchOptions(**FAST_ROOFLINE, workload="score", score_job=TINY_JOB, seed=2,
+                     peer="vllm"),
+        TINY, tiny_params(), ENGINE, {}, model_path=fake_vllm, engines=engines,
+        log=lambda m: None)
+    check_score_report(out, TINY_JOB)
+    peer = out["peer"]
+    assert "skipped" not in peer, peer
+    assert peer["vllm_version"] == "0.0.fake" and peer["engine_args"]["enable_prefix_caching"]
+    assert peer["prefix_caching"]["skip_reading_prefix_cache"] is True
+    assert peer["prefix_caching"]["cached_tokens"] == 0
+    import runpy  # the fake model's logprobs, from the fake package itself
+    fake_prompt_logprob = runpy.run_path(
+        os.path.join(os.path.dirname(fake_vllm), "fake_site", "vllm", "__init__.py"))[
+        "fake_prompt_logprob"]
+    pairs = score_workload.multiple_choice(TINY_JOB, TINY.vocab_size, seed=2)
+    want, greedy = [], []
+    for p in pairs:
+        ids = p.context + p.continuation
+        scored = range(len(p.context), len(ids))
+        want.append(sum(fake_prompt_logprob(ids[i - 1], ids[i])[0] for i in scored))
+        greedy.append(all(fake_prompt_logprob(ids[i - 1], ids[i])[1] == ids[i] for i in scored))
+    assert peer["run"]["scores"]["loglik"] == pytest.approx(want)
+    assert peer["run"]["scores"]["is_greedy"] == greedy
+    ours = out["runs"][0]["scores"]["loglik"]
+    vs = peer["scores_vs"]["cache_on"]
+    assert vs["max_abs_loglik_diff"] == pytest.approx(max(abs(a - b) for a, b in zip(ours, want)))
+    assert peer["ratios"]["cache_off"]["wall_s"] == pytest.approx(
+        out["runs"][1]["wall_s"] / peer["run"]["wall_s"])
+    lines = []
+    score_report.print_report(out, emit=lines.append)
+    text = "\n".join(lines)
+    assert "Peer: vLLM 0.0.fake" in text and "same choice per item" in text
+    assert "skip_reading_prefix_cache=True" in text
