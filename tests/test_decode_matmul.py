@@ -46,6 +46,27 @@ def test_bfloat16_matches_jnp(m, k, n):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(65, 300, 520), (200, 600, 70), (97, 513, 33)])
+def test_tall_products_match_jnp(m, k, n, dtype):
+    # More than 64 rows take the packed-panel path (matmul.cc: strip_tall).
+    x, w = _operands(m, k, n, dtype, seed=m)
+    want = np.asarray(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
+                              precision="highest"))
+    np.testing.assert_allclose(np.asarray(_skinny(x, w)), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rows_identical_across_paths_and_offsets(dtype):
+    # The skinny (<= 64 rows) and tall (> 64) paths do the same arithmetic: the same 8 rows
+    # give the same bits alone, inside 16, 65 or 300 rows, at any offset (batch_invariant).
+    x, w = _operands(320, 520, 600, dtype)
+    alone = np.asarray(_skinny(x[:8], w))
+    for m, off in ((16, 8), (65, 3), (65, 57), (300, 0), (300, 131), (300, 292)):
+        xm = x[8:8 + m].at[off:off + 8].set(x[:8])
+        np.testing.assert_array_equal(np.asarray(_skinny(xm, w))[off:off + 8], alone)
+
+
 def test_rows_do_not_depend_on_each_other():
     # Each output sums over K in order whatever the row count: bit-identical rows.
     x, w = _operands(16, 300, 520, jnp.float32)

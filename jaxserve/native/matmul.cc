@@ -124,6 +124,43 @@ void strip(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, int64
   }
 }
 
+// Tall products (more than kTallRows rows: a prefill chunk's) are bound by the FMAs, not by
+// the weights: a column tile's kPanelK x 32 weights are copied once (widened to float32) into
+// a contiguous panel that stays in L1 while every row tile of the product passes over it (read
+// in place, the panel's rows, N floats apart, fall into a few cache sets and miss). The
+// arithmetic is the skinny path's, tile for tile: each y[m, n] is the FMA chain over k = 0..K-1
+// started from 0, so a row's result is the same to the bit whichever path its product took.
+constexpr int64_t kTallRows = 64;
+constexpr int64_t kPanelK = 256;  // 256 x 32 x 4 B = 32 KiB
+constexpr int kTallTileM = 12;
+
+template <typename T>
+void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, int64_t m,
+                int64_t k, int64_t width) {
+  alignas(64) float panel[kPanelK * 32];
+  for (int64_t c = 0; c < width; c += 32) {
+    const int64_t cols = std::min<int64_t>(32, width - c);
+    const __mmask16 m0 = mask_of(cols), m1 = mask_of(cols - 16);
+    for (int64_t k0 = 0; k0 < k; k0 += kPanelK) {
+      const int64_t kn = std::min(kPanelK, k - k0);
+      for (int64_t kk = 0; kk < kn; ++kk) {
+        const T* src = w + (k0 + kk) * ldw + c;
+        _mm512_store_ps(panel + kk * 32, load_w<true>(src, m0));
+        _mm512_store_ps(panel + kk * 32 + 16, load_w<true>(src + 16, m1));
+      }
+      int64_t i0 = 0;
+      for (; i0 + kTallTileM <= m; i0 += kTallTileM)
+        (cols < 32 ? tile<kTallTileM, true, float> : tile<kTallTileM, false, float>)(
+            x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy, kn, m0, m1, k0 == 0, nullptr);
+      for (; i0 < m; i0 += kTileM) {
+        const int64_t mr = std::min(kTileM, m - i0);
+        kTiles<float>[cols < 32][mr](x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy, kn,
+                                     m0, m1, k0 == 0, nullptr);
+      }
+    }
+  }
+}
+
 template <typename T>
 void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
          int64_t n) {
@@ -136,7 +173,10 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
   const int64_t strips = (n + width - 1) / width;
   jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
-    strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
+    if (m > kTallRows)
+      strip_tall<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
+    else
+      strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
   });
 }
 
