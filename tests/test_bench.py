@@ -597,6 +597,37 @@ def test_vllm_peer_real(tmp_path):
     assert peer["startup_s"] > 0
 
 
+@pytest.mark.slow
+def test_vllm_score_peer_real(tmp_path):
+    """Real vLLM (skipped without its venv) scores the job through prompt_logprobs: the same
+    log-likelihoods as jaxserve's within float32 rounding, and it never reads its cache."""
+    from jaxserve.bench import vllm_peer
+    from jaxserve.cli.make_bench_model import BENCH_HF_CONFIG, write_model
+    from jaxserve.weights import load_model
+
+    try:
+        vllm_peer.probe(vllm_peer.find_python(None))
+    except vllm_peer.VllmUnavailable as e:
+        pytest.skip(str(e))
+    hf = dict(BENCH_HF_CONFIG, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=512,
+              max_position_embeddings=256)
+    write_model(str(tmp_path / "m"), hf)
+    cfg, params = load_model(tmp_path / "m")
+    job = ScoreJob(num_prefixes=2, prefix_len=48, num_items=6, question_len=(4, 12),
+                   num_choices=4, continuation_len=(1, 6))
+    out = run_benchmark(
+        BenchOptions(**FAST_ROOFLINE, workload="score", score_job=job, peer="vllm"),
+        cfg, params, dict(chunk_size=64, max_decode_slots=8, page_size=16, max_model_len=128),
+        {}, model_path=str(tmp_path / "m"), log=lambda m: None)
+    peer = out["peer"]
+    assert "skipped" not in peer, peer
+    assert peer["prefix_caching"]["enabled"] and peer["prefix_caching"]["cached_tokens"] == 0
+    for mode in ("cache_on", "cache_off"):
+        vs = peer["scores_vs"][mode]
+        assert vs["max_abs_loglik_diff"] < 1e-3 and vs["choice_agreement"] == 1.0, vs
+
+
 def test_groups_split_the_interference_requests():
     from jaxserve.bench.report import groups_json, groups_table
 
