@@ -251,6 +251,10 @@ class EngineConfig:
     # Full KV pages shared between sequences with the same prefix and kept after use (evicted
     # least recently used); see scheduler.py. Requests with prompt_logprobs compute their prompt.
     enable_prefix_caching: bool = True
+    # Every matmul on one row-invariant kernel (the native one, CPU with AVX-512), so a
+    # request's tokens and logprobs are the same to the bit alone or in a crowd, in a mixed or
+    # a decode-only step, prefix cached or computed; see WeightLayout.row_invariant.
+    batch_invariant: bool = False
 
     def __post_init__(self):
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
@@ -270,6 +274,19 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a "
                              f"bool")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant={self.batch_invariant!r} must be a bool")
+        if self.batch_invariant:
+            # It runs every matmul and attention on the native CPU kernels (one device).
+            clash = [f"{name}={getattr(self, name)!r} (use {want})" for name, ok, want in (
+                ("weight_layout", self.weight_layout in ("auto", "fused_in_out_native"),
+                 "'auto' or 'fused_in_out_native'"),
+                ("attention", self.attention in ("auto", "cpu"), "'auto' or 'cpu'"),
+                ("mesh_shape", not self.mesh_shape, "''")) if not ok]
+            if clash:
+                raise ValueError(f"batch_invariant=True runs every matmul and attention on the "
+                                 f"native CPU kernels, one device: it cannot be combined with "
+                                 f"{', '.join(clash)}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION_BACKENDS}")
         if self.weight_layout not in WEIGHT_LAYOUTS:

@@ -1,5 +1,5 @@
 """The device side of the engine: params in their serving layout, the paged KV cache, the
-compiled step executables, warm-up and the choice of attention backend.
+compiled step executables, warm-up and the choice of attention backend and matmul.
 
 `Engine` (the host loop) hands a built `StepBatch` to `Runner.run` and never touches a device
 array itself, except to read a step's outputs back.
@@ -7,6 +7,7 @@ array itself, except to read a step's outputs back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -19,7 +20,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_cache
 from jaxserve.models.functional import (abstract_params, resolve_layout, to_jnp_dtype,
                                         to_layout)
-from jaxserve.models.llama import rope_table
+from jaxserve.models.llama import WeightLayout, rope_table
 from jaxserve.native.build import NativeBuildError
 from jaxserve.sharding import make_placement, shard_params
 from jaxserve.step import StepBatch, StepOutput, compile_steps, example_batch
@@ -50,9 +51,14 @@ class Runner:
                                      f"(mesh_shape={cfg.mesh_shape!r}) yet: use attention='xla'")
                 self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
         # Converted once to the serving layout; the caller's params are left as they are.
-        self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout,
-                                     native_matmul=self._native_matmul_available())
-        self.params = to_layout(model_cfg, params, self.layout)
+        if cfg.batch_invariant:
+            self._check_row_invariant()
+            self.layout = dataclasses.replace(resolve_layout("fused_in_out_native", "cpu"),
+                                              row_invariant=True)
+        else:
+            self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout,
+                                         native_matmul=self._native_matmul_available())
+        self.params = _serving_params(model_cfg, params, self.layout)
         if self.placement:
             self.params = shard_params(self.params, self.placement.params)
         self.num_top = max(1, min(cfg.max_logprobs, model_cfg.vocab_size))
@@ -88,6 +94,26 @@ class Runner:
                             "using XLA's dot", e)
             return False
         return True
+
+    def _check_row_invariant(self) -> None:
+        """`batch_invariant=True` needs both native kernels here (the matmul and attention):
+        decided before converting or compiling anything, with the reason in the error."""
+        from jaxserve.native import build as native_build
+        from jaxserve.native import matmul_build
+        why = None
+        if jax.default_backend() != "cpu":
+            why = f"the default backend is {jax.default_backend()!r}, not the CPU"
+        elif not matmul_build.supported():
+            why = f"this CPU lacks {matmul_build.REQUIRED_FLAGS}"
+        else:
+            try:
+                matmul_build.load()
+                native_build.load()
+            except NativeBuildError as e:
+                why = f"a native kernel cannot be built here ({e})"
+        if why:
+            raise ValueError(f"batch_invariant=True runs every matmul and attention on the "
+                             f"native CPU kernels, but {why}; use batch_invariant=False")
 
     def _compile(self):
         build = functools.partial(
@@ -154,3 +180,18 @@ class Runner:
         out, self.cache = exe(self.params, self.cache, batch, self._prev_tokens, self._rope)
         self._prev_tokens = out.next_tokens
         return out
+
+
+def _serving_params(model_cfg: ModelConfig, params, layout: WeightLayout):
+    """`to_layout`, plus, for a row-invariant layout of a model with tied embeddings, the head's
+    `[in, out]` copy of the embedding (`lm_head`; the native kernel reads no other layout):
+    one more vocab x hidden matrix in memory."""
+    if not (layout.row_invariant and model_cfg.tie_word_embeddings):
+        return to_layout(model_cfg, params, layout)
+    from flax import nnx
+    base = to_layout(model_cfg, params, dataclasses.replace(layout, row_invariant=False))
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(base)}
+    flat["lm_head.weight"] = flat["model.embed_tokens.weight"].T
+    dtype = jax.tree_util.tree_leaves(base)[0].dtype
+    return nnx.map_state(lambda p, v: v.replace(flat[".".join(map(str, p))]),
+                         abstract_params(model_cfg, dtype, layout))

@@ -50,6 +50,9 @@ def define_engine_flags() -> None:
                       "Serving layout of the projection weights (auto: by platform).")
     flags.DEFINE_boolean("enable_prefix_caching", _E.enable_prefix_caching,
                          "Share and keep full KV pages of common prefixes (LRU eviction).")
+    flags.DEFINE_boolean("batch_invariant", _E.batch_invariant,
+                         "Bit-identical results whatever shares the step: every matmul on the "
+                         "native row-invariant kernel (AVX-512 CPU).")
 
 
 def define_sampling_flags() -> None:

@@ -39,19 +39,34 @@ class WeightLayout:
 
     `native_rows` (needs `in_out`; CPU with AVX-512): products of at most this many rows (a
     decode step's) use the native skinny kernel (jaxserve/native/matmul.cc) instead of XLA's
-    dot; 0 never. Decided by shape at trace time, so one executable uses one path per product."""
+    dot; 0 never. Decided by shape at trace time, so one executable uses one path per product.
+
+    `row_invariant` (needs `in_out`; `EngineConfig.batch_invariant`): every product, whatever
+    its rows, runs on the native kernel, whose rows do not depend on each other, so a row's
+    result is the same to the bit in a decode-only step of 8 rows, a mixed step of 528 or a
+    prompt chunk at any offset. XLA's CPU dot is not: it picks its arithmetic by shape (on the
+    bench VM one for 1 row, one for 8-16, another from 24; benchmarks/row_invariance.py). With
+    tied embeddings the head gets an `[in, out]` copy of the embedding (`lm_head`), as the
+    kernel reads no other layout."""
 
     fused: bool = False
     in_out: bool = False
     native_rows: int = 0
+    row_invariant: bool = False
 
     def __post_init__(self):
-        if self.native_rows and not self.in_out:
-            raise ValueError("WeightLayout: native_rows needs in_out=True (the kernel reads "
-                             "[in, out] weights)")
+        if (self.native_rows or self.row_invariant) and not self.in_out:
+            raise ValueError("WeightLayout: native_rows and row_invariant need in_out=True (the "
+                             "kernel reads [in, out] weights)")
+
+    @property
+    def rows_on_native(self) -> int:
+        """Products of at most this many rows run on the native kernel (0: none)."""
+        return _ALL_ROWS if self.row_invariant else self.native_rows
 
 
 HF_LAYOUT = WeightLayout()
+_ALL_ROWS = 2**62
 
 
 def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0) -> jax.Array:
@@ -152,14 +167,14 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, hd = cfg.hidden_size, cfg.head_dim
         lin = functools.partial(Linear, bias=cfg.attention_bias, dtype=dtype, rngs=rngs,
-                                in_out=layout.in_out, native_rows=layout.native_rows)
+                                in_out=layout.in_out, native_rows=layout.rows_on_native)
         nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
         if layout.fused:
             self.qkv_proj = lin(h, nq + 2 * nkv)
         else:
             self.q_proj, self.k_proj, self.v_proj = lin(h, nq), lin(h, nkv), lin(h, nkv)
         self.o_proj = Linear(nq, h, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out,
-                             native_rows=layout.native_rows)
+                             native_rows=layout.rows_on_native)
         self.fused = layout.fused
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype)
@@ -190,7 +205,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, i = cfg.hidden_size, cfg.intermediate_size
         lin = functools.partial(Linear, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out,
-                                native_rows=layout.native_rows)
+                                native_rows=layout.rows_on_native)
         if layout.fused:
             self.gate_up_proj = lin(h, 2 * i)
         else:
@@ -237,12 +252,12 @@ class LlamaForCausalLM(nnx.Module):
                  layout: WeightLayout = HF_LAYOUT):
         self.config = cfg
         self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs, layout=layout)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and not layout.row_invariant:
             self.lm_head = None  # the embedding, [vocab, hidden], doubles as the head
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
                                   rngs=rngs, in_out=layout.in_out,
-                                  native_rows=layout.native_rows)
+                                  native_rows=layout.rows_on_native)
 
     def hidden_states(self, token_ids, positions, attend: AttendFn, cache, rope=None):
         """token_ids i32[T], positions i32[T] -> (final-normed hidden [T, hidden], cache).
