@@ -83,7 +83,26 @@ def main(folder: str) -> None:
             rows.append(_row(f"online, 1 req/s: {label}", get(j), get(v), "ms"))
         rows.append(_row("online, 1 req/s: output tok/s", j["output_throughput_tok_s"],
                          v["output_throughput_tok_s"], "tok/s"))
+    score = _load(folder, "score")
+    if score and "run" in score.get("peer", {}):
+        v = score["peer"]["run"]
+        job = score["job"]
+        for r in score["runs"]:
+            cache = "cache on" if r["enable_prefix_caching"] else "cache off"
+            rows.append(_row(f"score {job['num_pairs']} multiple-choice pairs, jaxserve {cache}: "
+                             "wall time (s)", r["wall_s"], v["wall_s"], "s"))
     print("\n".join(rows))
+    if score and "run" in score.get("peer", {}):
+        vs = score["peer"]["scores_vs"]
+        pc = score["peer"]["prefix_caching"]
+        print(f"\nScore job: jaxserve's prefix cache speeds it up "
+              f"{score['comparison']['speedup']:.2f}x (scores identical to the bit: "
+              f"{score['comparison']['scores']['identical']}); max |loglik difference| vs vLLM "
+              + ", ".join(f"{m.replace('_', ' ')} {d['max_abs_loglik_diff']:.1e}"
+                          for m, d in vs.items())
+              + f"; vLLM's prefix cache {'on' if pc['enabled'] else 'off'}, "
+              f"{pc['cached_tokens']} tokens read from it (skip_reading_prefix_cache="
+              f"{pc['skip_reading_prefix_cache']}).")
     if off:
         m = off["machine"]
         print(f"\nMachine (measured in the offline run): GEMM {m['matmul_n']}³ float32 "
