@@ -154,12 +154,13 @@ class LLM:
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def score(self, requests, *, use_tqdm: bool = True) -> list[ScoreOutput]:
+    def score(self, requests, *, add_bos: bool = True, use_tqdm: bool = True
+              ) -> list[ScoreOutput]:
         """The log-likelihood of each `(context, continuation)` request (two strings, or two
         token-id lists; one pair alone is fine too), in input order.
 
-        Text is tokenized like lm-eval (see `jaxserve.scoring`); an empty context stands as
-        the BOS (else EOS) token. A ValueError naming the request and the bad value, before
+        Text is tokenized like lm-eval (see `jaxserve.scoring`), with the BOS the tokenizer adds
+        unless `add_bos=False`; an empty context stands as the BOS (else EOS) token. A ValueError naming the request and the bad value, before
         anything runs: an empty continuation, context + continuation over `max_model_len - 1`
         tokens, an item that is not a pair of strings or of token-id lists.
 
@@ -176,7 +177,7 @@ class LLM:
         vocab = self.engine.model_cfg.vocab_size
         pairs, windows = [], []
         for i, req in enumerate(requests):
-            ctx, cont = scoring.encode_pair(f"requests[{i}]", req, tok, prefix, vocab)
+            ctx, cont = scoring.encode_pair(f"requests[{i}]", req, tok, prefix, vocab, add_bos)
             pairs.append((ctx, cont))
             windows.append(scoring.pair_window(f"requests[{i}]", ctx, cont, max_len))
         outs, wall, cached = self._run_windows(windows, "score", use_tqdm)
@@ -185,9 +186,12 @@ class LLM:
         self._summarize(len(results), windows, sum(len(c) for _, c in pairs), wall, cached)
         return results
 
-    def score_rolling(self, documents, *, use_tqdm: bool = True) -> list[RollingScoreOutput]:
-        """The log-likelihood of each whole document (a string, encoded without BOS, or a
-        token-id list), in input order, for perplexity: lm-eval's `loglikelihood_rolling`.
+    def score_rolling(self, documents, *, add_bos: bool = False, use_tqdm: bool = True
+                      ) -> list[RollingScoreOutput]:
+        """The log-likelihood of each whole document (a string, encoded without BOS unless
+        `add_bos`, or a token-id list), in input order, for perplexity: lm-eval's
+        `loglikelihood_rolling` (whose backends encode documents as the tokenizer does by
+        default, so its adapter passes `add_bos=True`).
 
         Documents longer than a window (`max_model_len - 1` tokens) are scored in several, each
         token exactly once (`jaxserve.scoring.rolling_windows`); length is never an error. The
@@ -202,7 +206,7 @@ class LLM:
         vocab = self.engine.model_cfg.vocab_size
         docs, per_doc = [], []
         for i, doc in enumerate(documents):
-            ids = scoring.encode_document(f"documents[{i}]", doc, tok, vocab)
+            ids = scoring.encode_document(f"documents[{i}]", doc, tok, vocab, add_bos)
             docs.append(ids)
             per_doc.append(scoring.rolling_windows(ids, prefix, max_len))
         windows = [w for ws in per_doc for w in ws]

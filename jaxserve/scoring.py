@@ -108,11 +108,11 @@ def prefix_token_id(tokenizer, eos_token_ids: Sequence[int] = ()) -> int | None:
     return int(eos[0]) if eos else None
 
 
-def encode_pair(name: str, request, tokenizer, prefix: int | None, vocab_size: int
-                ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) of one `(context, continuation)` request: two strings or
-    two token-id lists. A ValueError names `name` (e.g. "requests[3]"; "" for none) and the bad
-    value."""
+def encode_pair(name: str, request, tokenizer, prefix: int | None, vocab_size: int,
+                add_bos: bool = True) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of one `(context, continuation)` request: two strings
+    (encoded with the BOS the tokenizer adds, unless `add_bos` is False) or two token-id lists.
+    A ValueError names `name` (e.g. "requests[3]"; "" for none) and the bad value."""
     at = f"{name}: " if name else ""
     if not isinstance(request, (tuple, list)) or len(request) != 2:
         raise ValueError(f"{name or 'request'}={show(request)} must be a (context, "
@@ -123,7 +123,7 @@ def encode_pair(name: str, request, tokenizer, prefix: int | None, vocab_size: i
             raise ValueError(f"{at}this model has no tokenizer: give token-id lists")
         if not continuation:
             raise ValueError(f"{at}the continuation is empty (context={show(context)})")
-        ctx, cont = _encode_text_pair(tokenizer, context, continuation)
+        ctx, cont = _encode_text_pair(tokenizer, context, continuation, add_bos)
     elif isinstance(context, str) or isinstance(continuation, str):
         raise ValueError(f"{at}context and continuation must both be strings or both "
                          f"token-id lists, got {type(context).__name__} and "
@@ -142,12 +142,13 @@ def encode_pair(name: str, request, tokenizer, prefix: int | None, vocab_size: i
     return ctx, cont
 
 
-def _encode_text_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def _encode_text_pair(tokenizer, context: str, continuation: str, add_bos: bool
+                      ) -> tuple[list[int], list[int]]:
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation, add_bos=add_bos)
+    ctx = tokenizer.encode(context, add_bos=add_bos)
     return ctx, whole[len(ctx):]
 
 
@@ -163,13 +164,15 @@ def pair_window(name: str, ctx: list[int], cont: list[int], max_model_len: int) 
     return Window(ctx + cont, len(cont))
 
 
-def encode_document(name: str, document, tokenizer, vocab_size: int) -> list[int]:
-    """A document's tokens: a string (encoded without BOS) or a token-id list."""
+def encode_document(name: str, document, tokenizer, vocab_size: int, add_bos: bool = False
+                    ) -> list[int]:
+    """A document's tokens: a string (encoded without BOS unless `add_bos`, and then only if the
+    tokenizer adds one) or a token-id list."""
     if isinstance(document, str):
         if tokenizer is None:
             raise ValueError(f"{name + ': ' if name else ''}this model has no tokenizer: give "
                              f"a token-id list")
-        return tokenizer.encode(document, add_bos=False)
+        return tokenizer.encode(document, add_bos=add_bos)
     return check_token_ids(name, document, vocab_size)
 
 

@@ -77,7 +77,8 @@ def test_rolling_equals_direct_scores(evaluated):
     samples = res["samples"]["js_rolling"]
     for s in samples:
         text = s["arguments"][0][0]
-        direct = lm.llm.score_rolling([text], use_tqdm=False)[0]
+        # lm-eval's backends encode a document as the tokenizer does (with its BOS).
+        direct = lm.llm.score_rolling([text], add_bos=True, use_tqdm=False)[0]
         assert s["resps"][0][0] == direct.loglik
         assert math.isfinite(direct.loglik) and direct.loglik < 0
 
@@ -97,8 +98,67 @@ def test_registry_name_and_unknown_model_args(evaluated):
 
     cls = get_model("jaxserve")
     assert cls is JaxserveLM
+    # Registering jaxserve first hides none of lm-eval's own backends.
+    assert get_model("dummy").__name__ == "DummyLM"
     with pytest.raises(ValueError, match="chunk_sz"):
         cls.create_from_arg_string("chunk_sz=64")
+
+
+def test_add_bos_token_false_scores_without_bos(evaluated, monkeypatch):
+    """model_args `add_bos_token=False` (lm-eval's meaning) reaches every request kind."""
+    lm, _, _ = evaluated
+    import jaxserve.lm_eval_adapter as adapter
+
+    monkeypatch.setattr(adapter, "LLM", lambda *a, **k: lm.llm)
+    no_bos = JaxserveLM.create_from_arg_string("add_bos_token=False,use_tqdm=False")
+    assert not no_bos.add_bos and lm.add_bos
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    pair = ("def add(a, b):", " return a")
+    got = no_bos.loglikelihood([Req(*pair)])[0]
+    want = lm.llm.score([pair], add_bos=False, use_tqdm=False)[0]
+    assert got == (want.loglik, want.is_greedy)
+    assert want.context_token_ids[0] != lm.llm.tokenizer.bos_token_id
+    assert got != lm.loglikelihood([Req(*pair)])[0]  # with the BOS: another score
+    assert no_bos.loglikelihood_rolling([Req("x = 1\n")]) == [
+        lm.llm.score_rolling(["x = 1\n"], add_bos=False, use_tqdm=False)[0].loglik]
+
+
+def test_matches_lm_evals_own_hf_backend(evaluated):
+    """The same tasks through lm-eval's `hf` backend (transformers + torch, float32, on the CPU)
+    on the demo model's folder: the same log-likelihoods to float32 rounding, the same
+    choices and accuracy. Runs where transformers and torch are installed (not in CI's
+    `[test]`: torch is several hundred MB)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from lm_eval.tasks import TaskManager
+
+    from jaxserve.llm import DEMO_MODEL_PATH
+
+    lm, res, folder = evaluated
+    hf = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={DEMO_MODEL_PATH},dtype=float32,device=cpu",
+        tasks=["js_mc", "js_rolling"], task_manager=TaskManager(include_path=str(folder)),
+        log_samples=True, bootstrap_iters=0)
+    diffs = []
+    for task in ("js_mc", "js_rolling"):
+        ours = {s["doc_id"]: s for s in res["samples"][task]}
+        for s in hf["samples"][task]:
+            mine = ours[s["doc_id"]]
+            assert [a[:2] for a in s["arguments"]] == [a[:2] for a in mine["arguments"]]
+            for (hf_ll, *hf_rest), (ll, *rest) in zip([r[0] if isinstance(r[0], (list, tuple))
+                                                       else [r[0]] for r in s["resps"]],
+                                                      [r[0] if isinstance(r[0], (list, tuple))
+                                                       else [r[0]] for r in mine["resps"]]):
+                diffs.append(abs(hf_ll - ll))
+                assert abs(hf_ll - ll) <= 1e-4 * max(1.0, abs(ll)), (task, hf_ll, ll)
+                assert hf_rest == rest  # is_greedy, for loglikelihood
+    assert hf["results"]["js_mc"]["acc,none"] == res["results"]["js_mc"]["acc,none"]
+    print(f"largest |loglik difference| vs lm-eval's hf backend: {max(diffs):.2e}")
 
 
 @pytest.mark.slow
