@@ -249,12 +249,21 @@ class EngineConfig:
     weight_layout: str = "auto"
     mesh_shape: str = ""  # e.g. "model=8" or "data=2,model=4"; "" = one device, no mesh
     # Full KV pages shared between sequences with the same prefix and kept after use (evicted
-    # least recently used); see scheduler.py. Requests with prompt_logprobs compute their prompt.
+    # least recently used); see scheduler.py. A request asking prompt logprobs computes its
+    # prompt from `prompt_logprobs_start - 1` on.
     enable_prefix_caching: bool = True
+    # Each `Engine.step()` launches step N+1 before reading step N back (the host plans while
+    # the device runs). Off: a step is read back in the call that launched it, so a request
+    # added between calls joins the very next step (lower time to first token under arrivals)
+    # at the cost of the host's planning time per step. vLLM's name and default (off).
+    async_scheduling: bool = False
     # Every matmul on one row-invariant kernel (the native one, CPU with AVX-512), so a
     # request's tokens and logprobs are the same to the bit alone or in a crowd, in a mixed or
-    # a decode-only step, prefix cached or computed; see WeightLayout.row_invariant.
-    batch_invariant: bool = False
+    # a decode-only step, prefix cached or computed (see WeightLayout.row_invariant). None =
+    # where it is about free: float32 on one AVX-512 CPU with the native kernels (+2% on the
+    # bench job); off elsewhere (bfloat16: XLA's AMX dot is 4-6x the kernel's speed at prefill
+    # sizes; GPU, TPU, a mesh: no such kernel). True: required (an error where it cannot run).
+    batch_invariant: bool | None = None
 
     def __post_init__(self):
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
@@ -274,8 +283,11 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a "
                              f"bool")
-        if not isinstance(self.batch_invariant, bool):
-            raise ValueError(f"batch_invariant={self.batch_invariant!r} must be a bool")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling={self.async_scheduling!r} must be a bool")
+        if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant={self.batch_invariant!r} must be a bool or None "
+                             f"(None: on where it is about free)")
         if self.batch_invariant:
             # It runs every matmul and attention on the native CPU kernels (one device).
             clash = [f"{name}={getattr(self, name)!r} (use {want})" for name, ok, want in (

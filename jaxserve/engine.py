@@ -239,10 +239,13 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedules and dispatches step N+1, then reads back step N and returns its outputs.
+        """Schedules and dispatches a step and returns the outputs of the step read back.
 
-        Dispatch is asynchronous, so the host builds step N+1 while the device still runs step N;
-        tokens step N samples reach step N+1 on the device (`prev_index`), never via the host.
+        With `async_scheduling`, this call dispatches step N+1 and then reads back step N: the
+        host builds step N+1 while the device still runs step N, and tokens step N samples reach
+        step N+1 on the device (`prev_index`), never via the host. Without (the default), it
+        reads back the step it dispatched, so requests added before the next call join the next
+        step rather than the one after it.
         """
         with self._counter:
             try:
@@ -258,6 +261,9 @@ class Engine:
                     self._fail(seq, e)
             inflight, self._inflight = self._inflight, None
             results = self._collect(inflight) if inflight else []
+            if launched is not None and not self.cfg.async_scheduling:
+                results += self._collect(launched)
+                inflight, launched = launched, None
         self._inflight = launched
         if (launched is None and inflight is None and not self._errors
                 and self.scheduler.has_unfinished()):

@@ -17,12 +17,15 @@ TIGHT = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3,
              num_pages=24, max_model_len=64)
 
 
-@pytest.fixture(scope="module", params=["cpu", "xla"])
+@pytest.fixture(scope="module", params=[("cpu", False), ("cpu", True), ("xla", True)],
+                ids=["cpu", "cpu-async", "xla-async"])
 def llm(request):
     # cpu: the CPU default (decode rows through the native kernel); xla: the reference path
-    # that meshes and platforms without a kernel use.
+    # that meshes and platforms without a kernel use. async: step N+1 is launched before step
+    # N is read back, its decodes taking step N's tokens on the device (prev_index).
+    attention, async_scheduling = request.param
     return LLM.from_params(TINY, tiny_params(), strict_compiles=True, max_logprobs=5,
-                           attention=request.param, **TIGHT)
+                           attention=attention, async_scheduling=async_scheduling, **TIGHT)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +170,25 @@ def test_engine_level_api_streams_tokens(llm):
     m = out.metrics
     assert m.arrival_time <= m.first_token_time <= m.finished_time
     assert len(m.token_times) == len(out.token_ids)
+
+
+def test_a_request_added_between_steps_joins_the_next_step(llm):
+    """Without async scheduling a step is read back in the call that launched it, so a request
+    added between two calls has its first token from the very next call; with it, step N+1 is
+    already launched when the request arrives, and its first token comes one call later."""
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    eng.add_request("running", [1, 2, 3], sp)
+    while not any(o.request_id == "running" for o in eng.step()):
+        pass  # until the running request has its first token
+    eng.step()
+    eng.add_request("late", [4, 5, 6], sp)
+    calls = 1
+    while not any(o.request_id == "late" for o in eng.step()):
+        calls += 1
+    assert calls == (2 if eng.cfg.async_scheduling else 1)
+    while eng.has_unfinished():
+        eng.step()
 
 
 def test_grouped_decode_buckets_match_dense_reference():

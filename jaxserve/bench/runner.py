@@ -5,11 +5,13 @@ A request is added once `time.perf_counter()` passes its arrival, with that arri
 would be), and the engine is stepped while anything is in flight or waiting. An anchored request
 (`after_first_tokens_of`) arrives `arrival_s` after its anchors all have their first token.
 
-Step timing. `Engine.step()` dispatches step k and then reads back step k-1, so the device runs
-the steps back to back while the host plans the next one. The call that launched step k returns
-when step k-1's tokens are back, i.e. when the device starts step k; the next call returns when
-step k's tokens are back. So step k takes from the end of the call that launched it to the end of
-the next call, and its tokens are that next call's outputs. Whether step k was mixed (it had
+Step timing. With `async_scheduling`, `Engine.step()` dispatches step k and then reads back step
+k-1, so the device runs the steps back to back while the host plans the next one. The call that
+launched step k returns when step k-1's tokens are back, i.e. when the device starts step k; the
+next call returns when step k's tokens are back. So step k takes from the end of the call that
+launched it to the end of the next call, and its tokens are that next call's outputs. Without
+(the default), a step takes the whole call that launched it (the host's planning included) and
+its tokens are that call's outputs. Whether step k was mixed (it had
 prompt chunks) or decode-only, and how many tokens it scheduled, comes from the deltas of
 `engine.stats` across the call that launched it.
 """
@@ -79,6 +81,7 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
     waiting = sorted(requests, key=lambda r: r.arrival_s)
     bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not progress,
                leave=True)
+    pipelined = engine.cfg.async_scheduling
     t0 = clock()
     last_token = t0
 
@@ -108,6 +111,7 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
                 sleep(max(0.0, min(known) - clock()))
                 continue
             st0 = engine.stats
+            start = clock()
             outs = engine.step()
             end = clock()
             st1 = engine.stats
@@ -117,9 +121,12 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
             if st1["steps"] > st0["steps"]:
                 launched = {
                     "kind": "mixed" if st1["mixed_steps"] > st0["mixed_steps"] else "decode",
-                    "start_s": end - t0,
+                    "start_s": (end if pipelined else start) - t0,
                     "scheduled_tokens": st1["scheduled_tokens"] - st0["scheduled_tokens"],
                     "slot_tokens": st1["slot_tokens"] - st0["slot_tokens"]}
+                if not pipelined:  # read back in the call that launched it
+                    steps.append(_finish_step(launched, outs, end - t0))
+                    launched = None
             for out in outs:
                 first_token.setdefault(out.request_id, out.metrics.first_token_time)
                 last_token = max(last_token, out.metrics.token_times[-1])

@@ -50,9 +50,13 @@ def define_engine_flags() -> None:
                       "Serving layout of the projection weights (auto: by platform).")
     flags.DEFINE_boolean("enable_prefix_caching", _E.enable_prefix_caching,
                          "Share and keep full KV pages of common prefixes (LRU eviction).")
+    flags.DEFINE_boolean("async_scheduling", _E.async_scheduling,
+                         "Launch step N+1 before reading step N back (throughput) instead of "
+                         "reading each step back at once (latency under arrivals).")
     flags.DEFINE_boolean("batch_invariant", _E.batch_invariant,
                          "Bit-identical results whatever shares the step: every matmul on the "
-                         "native row-invariant kernel (AVX-512 CPU).")
+                         "native row-invariant kernel (AVX-512 CPU). Default: on for float32 "
+                         "where the native kernels run, off elsewhere.")
 
 
 def define_sampling_flags() -> None:
