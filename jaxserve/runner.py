@@ -51,8 +51,8 @@ class Runner:
                                      f"(mesh_shape={cfg.mesh_shape!r}) yet: use attention='xla'")
                 self.backend = "xla"  # XLA can split the reference across devices; a kernel, not
         # Converted once to the serving layout; the caller's params are left as they are.
-        if cfg.batch_invariant:
-            self._check_row_invariant()
+        self.batch_invariant = self._resolve_batch_invariant()
+        if self.batch_invariant:
             self.layout = dataclasses.replace(resolve_layout("fused_in_out_native", "cpu"),
                                               row_invariant=True)
         else:
@@ -95,9 +95,17 @@ class Runner:
             return False
         return True
 
-    def _check_row_invariant(self) -> None:
-        """`batch_invariant=True` needs both native kernels here (the matmul and attention):
-        decided before converting or compiling anything, with the reason in the error."""
+    def _resolve_batch_invariant(self) -> bool:
+        """`EngineConfig.batch_invariant`, decided before anything is converted or compiled:
+        None turns it on for float32 where the native kernels (matmul and attention) serve the
+        model; True requires them and raises with the reason where they cannot run here."""
+        cfg = self.cfg
+        if cfg.batch_invariant is False:
+            return False
+        if cfg.batch_invariant is None and (
+                cfg.dtype != "float32" or cfg.mesh_shape or cfg.attention not in ("auto", "cpu")
+                or cfg.weight_layout not in ("auto", "fused_in_out_native")):
+            return False  # (True with these is refused by EngineConfig)
         from jaxserve.native import build as native_build
         from jaxserve.native import matmul_build
         why = None
@@ -111,9 +119,10 @@ class Runner:
                 native_build.load()
             except NativeBuildError as e:
                 why = f"a native kernel cannot be built here ({e})"
-        if why:
+        if why and cfg.batch_invariant:
             raise ValueError(f"batch_invariant=True runs every matmul and attention on the "
                              f"native CPU kernels, but {why}; use batch_invariant=False")
+        return why is None
 
     def _compile(self):
         build = functools.partial(
