@@ -1,5 +1,7 @@
 // Skinny matmul on the CPU, as an XLA FFI custom call: y f32[M, N] = x[M, K] @ w[K, N] for the
-// few-row products of a decode step (w stored [in, out], the CPU serving layout).
+// few-row products of a decode step (w stored [in, out], the CPU serving layout), and, with
+// EngineConfig.batch_invariant, for every product (the tall path below strip_tall): its rows do
+// not depend on M, XLA's dot's do.
 //
 // Why a native kernel: at M = 16 a float32 product does 8 FLOPs per weight byte; on the 2-core
 // bench VM (AVX-512, ~225 GFLOP/s FMA peak per core, ~16 GB/s read per core, ~31 GB/s for two)

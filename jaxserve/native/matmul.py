@@ -1,4 +1,5 @@
-"""`skinny_matmul`: the native CPU kernel (matmul.cc) for few-row products, as a JAX function."""
+"""`skinny_matmul`: the native CPU kernel (matmul.cc) for few-row products (and, with
+`batch_invariant`, every product), as a JAX function."""
 
 from __future__ import annotations
 
