@@ -252,11 +252,13 @@ class EngineConfig:
     # least recently used); see scheduler.py. A request asking prompt logprobs computes its
     # prompt from `prompt_logprobs_start - 1` on.
     enable_prefix_caching: bool = True
-    # Each `Engine.step()` launches step N+1 before reading step N back (the host plans while
-    # the device runs). Off: a step is read back in the call that launched it, so a request
-    # added between calls joins the very next step (lower time to first token under arrivals)
-    # at the cost of the host's planning time per step. vLLM's name and default (off).
-    async_scheduling: bool = False
+    # True: each `Engine.step()` launches step N+1 before reading step N back (the host plans
+    # while the device runs). False: a step is read back in the call that launched it, so a
+    # request added between calls joins the very next step (one step less to first token under
+    # arrivals) at the cost of the host's planning time per step (~1-4 ms). None: pipelined
+    # only where no request can arrive meanwhile (`step(offline=True)`: LLM.generate/score and
+    # the CLIs; a server's loop stays unpipelined, vLLM's default).
+    async_scheduling: bool | None = None
     # Every matmul on one row-invariant kernel (the native one, CPU with AVX-512), so a
     # request's tokens and logprobs are the same to the bit alone or in a crowd, in a mixed or
     # a decode-only step, prefix cached or computed (see WeightLayout.row_invariant). None =
@@ -283,8 +285,9 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching={self.enable_prefix_caching!r} must be a "
                              f"bool")
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling={self.async_scheduling!r} must be a bool")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling={self.async_scheduling!r} must be a bool or "
+                             f"None (pipelined where no request can arrive meanwhile)")
         if self.batch_invariant is not None and not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant={self.batch_invariant!r} must be a bool or None "
                              f"(None: on where it is about free)")

@@ -238,14 +238,20 @@ class Engine:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def pipelines(self, offline: bool = False) -> bool:
+        """Whether `step(offline=offline)` reads back the previous step rather than its own."""
+        pipelined = self.cfg.async_scheduling
+        return offline if pipelined is None else pipelined
+
+    def step(self, *, offline: bool = False) -> list[RequestOutput]:
         """Schedules and dispatches a step and returns the outputs of the step read back.
 
-        With `async_scheduling`, this call dispatches step N+1 and then reads back step N: the
+        Pipelined (`pipelines()`), this call dispatches step N+1 and then reads back step N: the
         host builds step N+1 while the device still runs step N, and tokens step N samples reach
-        step N+1 on the device (`prev_index`), never via the host. Without (the default), it
-        reads back the step it dispatched, so requests added before the next call join the next
-        step rather than the one after it.
+        step N+1 on the device (`prev_index`), never via the host. Otherwise it reads back the
+        step it dispatched, so requests added before the next call join the next step rather
+        than the one after it. `offline=True` tells the engine that the caller adds no request
+        until everything has finished (with `async_scheduling=None`, the step then pipelines).
         """
         with self._counter:
             try:
@@ -261,7 +267,7 @@ class Engine:
                     self._fail(seq, e)
             inflight, self._inflight = self._inflight, None
             results = self._collect(inflight) if inflight else []
-            if launched is not None and not self.cfg.async_scheduling:
+            if launched is not None and not self.pipelines(offline):
                 results += self._collect(launched)
                 inflight, launched = launched, None
         self._inflight = launched

@@ -17,12 +17,14 @@ TIGHT = dict(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3,
              num_pages=24, max_model_len=64)
 
 
-@pytest.fixture(scope="module", params=[("cpu", False), ("cpu", True), ("xla", True)],
-                ids=["cpu", "cpu-async", "xla-async"])
+@pytest.fixture(scope="module", params=[("cpu", None), ("cpu", False), ("xla", True)],
+                ids=["cpu", "cpu-sync", "xla-async"])
 def llm(request):
     # cpu: the CPU default (decode rows through the native kernel); xla: the reference path
-    # that meshes and platforms without a kernel use. async: step N+1 is launched before step
-    # N is read back, its decodes taking step N's tokens on the device (prev_index).
+    # that meshes and platforms without a kernel use. async_scheduling: True, step N+1 is
+    # launched before step N is read back, its decodes taking step N's tokens on the device
+    # (prev_index); False, each step is read back at once; None (default), pipelined in
+    # LLM.generate (offline), not when the engine is stepped directly.
     attention, async_scheduling = request.param
     return LLM.from_params(TINY, tiny_params(), strict_compiles=True, max_logprobs=5,
                            attention=attention, async_scheduling=async_scheduling, **TIGHT)
@@ -187,6 +189,7 @@ def test_a_request_added_between_steps_joins_the_next_step(llm):
     while not any(o.request_id == "late" for o in eng.step()):
         calls += 1
     assert calls == (2 if eng.cfg.async_scheduling else 1)
+    assert eng.pipelines(offline=True) == (eng.cfg.async_scheduling is not False)
     while eng.has_unfinished():
         eng.step()
 

@@ -5,13 +5,13 @@ A request is added once `time.perf_counter()` passes its arrival, with that arri
 would be), and the engine is stepped while anything is in flight or waiting. An anchored request
 (`after_first_tokens_of`) arrives `arrival_s` after its anchors all have their first token.
 
-Step timing. With `async_scheduling`, `Engine.step()` dispatches step k and then reads back step
-k-1, so the device runs the steps back to back while the host plans the next one. The call that
+Step timing. Pipelined (`Engine.pipelines`; by default once every request is in), `Engine.step()`
+dispatches step k and then reads back step k-1, so the device runs the steps back to back while the host plans the next one. The call that
 launched step k returns when step k-1's tokens are back, i.e. when the device starts step k; the
 next call returns when step k's tokens are back. So step k takes from the end of the call that
-launched it to the end of the next call, and its tokens are that next call's outputs. Without
-(the default), a step takes the whole call that launched it (the host's planning included) and
-its tokens are that call's outputs. Whether step k was mixed (it had
+launched it to the end of the next call, and its tokens are that next call's outputs. Otherwise
+a step takes the whole call that launched it (the host's planning included) and its tokens are
+that call's outputs. Whether step k was mixed (it had
 prompt chunks) or decode-only, and how many tokens it scheduled, comes from the deltas of
 `engine.stats` across the call that launched it.
 """
@@ -81,7 +81,6 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
     waiting = sorted(requests, key=lambda r: r.arrival_s)
     bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not progress,
                leave=True)
-    pipelined = engine.cfg.async_scheduling
     t0 = clock()
     last_token = t0
 
@@ -110,9 +109,11 @@ def run(engine, requests: list[BenchRequest], *, desc: str = "bench", progress: 
                 known = [t for t, _ in times if t is not None]
                 sleep(max(0.0, min(known) - clock()))
                 continue
+            # Once every request is in, nothing can arrive: the engine may pipeline.
+            pipelined = engine.pipelines(offline=not waiting)
             st0 = engine.stats
             start = clock()
-            outs = engine.step()
+            outs = engine.step(offline=not waiting)
             end = clock()
             st1 = engine.stats
             if launched is not None:

@@ -52,7 +52,8 @@ def define_engine_flags() -> None:
                          "Share and keep full KV pages of common prefixes (LRU eviction).")
     flags.DEFINE_boolean("async_scheduling", _E.async_scheduling,
                          "Launch step N+1 before reading step N back (throughput) instead of "
-                         "reading each step back at once (latency under arrivals).")
+                         "reading each step back at once (latency under arrivals). Default: "
+                         "pipelined where no request can arrive meanwhile (offline runs).")
     flags.DEFINE_boolean("batch_invariant", _E.batch_invariant,
                          "Bit-identical results whatever shares the step: every matmul on the "
                          "native row-invariant kernel (AVX-512 CPU). Default: on for float32 "

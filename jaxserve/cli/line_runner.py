@@ -167,7 +167,7 @@ def run_jobs(program: str, engine, jobs: list[LineJob], errors: dict[int, str], 
                 writer.add(job.record([]))
         with tqdm(total=len(jobs_run), desc=desc, unit="line", file=sys.stderr) as bar:
             while engine.has_unfinished() and signals.signum is None:
-                for out in engine.step():
+                for out in engine.step(offline=True):  # every line is in: nothing arrives
                     if not out.finished:
                         continue
                     finished.append(out)
