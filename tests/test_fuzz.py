@@ -1,7 +1,9 @@
 """Fuzz: random request mixes (valid and invalid parameters, arrivals over time, aborts at random
-points) on an engine whose cache is tight enough to preempt. No page is leaked, every valid request
-finishes exactly once with the output a roomy engine gives it alone, every aborted one gives
-nothing after its abort, every invalid one is refused with a message naming the field (issue 11).
+points, pipelined and unpipelined steps) on an engine whose cache is tight enough to preempt. No
+page is leaked, every valid request finishes exactly once with the output a roomy engine gives it
+alone (its logprobs and prompt logprobs to the bit, prefix-cache hits included), every aborted
+one gives nothing after its abort, every invalid one is refused with a message naming the field
+(issue 11).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ INVALID = [
     ("top_k", -2), ("min_p", 1.5), ("seed", -1), ("seed", 2**32), ("stop", [1, 2]),
     ("stop", 5), ("stop", [""]), ("stop_token_ids", ["a"]), ("stop_token_ids", 7),
     ("ignore_eos", "no"), ("logprobs", 3), ("logprobs", True), ("prompt_logprobs", -1),
-    ("prompt_logprobs", 5), ("nonsense_field", 1),
+    ("prompt_logprobs", 5), ("prompt_logprobs_start", -1), ("nonsense_field", 1),
     ("prompt_token_ids", []), ("prompt_token_ids", [True, False]),
     ("prompt_token_ids", [1, 2.0]), ("prompt_token_ids", [V]), ("prompt_token_ids", [-1]),
     ("prompt_token_ids", list(range(40))), ("prompt_token_ids", None),
@@ -53,6 +55,7 @@ valid_params = st.fixed_dictionaries({
     "stop_token_ids": st.sampled_from([None, [7, 8]]),
     "logprobs": st.sampled_from([None, 0, 2]),
     "prompt_logprobs": st.sampled_from([None, 1]),
+    "prompt_logprobs_start": st.sampled_from([0, 1, 5, 13]),  # past a short prompt: clamped
 })
 
 
@@ -60,6 +63,7 @@ valid_params = st.fixed_dictionaries({
 def request(draw):
     ids = draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=30))
     params = draw(valid_params)
+    params["prompt_logprobs_start"] = min(params["prompt_logprobs_start"], len(ids) - 1)
     bad = draw(st.one_of(st.none(), st.none(), st.none(), st.sampled_from(INVALID)))
     if bad is not None:
         field, value = bad
@@ -123,7 +127,8 @@ def test_random_request_mixes(engines, mix):
             rid = f"q{i}"
             if abort == step and rid in finished and rid not in aborted:
                 aborted[rid] = eng.abort(rid)
-        for out in eng.step():
+        # Some steps pipelined, some not (the engine's two loops, and switching between them).
+        for out in eng.step(offline=step % 3 == 1):
             assert out.request_id not in aborted or not aborted[out.request_id], out
             if out.finished:
                 finished[out.request_id].append(out)
