@@ -19,10 +19,15 @@ after it is written) and its tokens are known (an output token still in flight i
 pages (shared, reference counts up; `num_computed` starts after them), capped below its last
 token, whose logits are needed: a full hit still computes that token. The pages a sequence
 writes (past the hit) are its own and never shared. `max_cached_tokens` caps a hit further: a
-sequence that asks for prompt logprobs has 0 (it computes its whole prompt, since a cached
-position produces no logits); its pages still enter the cache for others. Preemption and
-finishing release pages (cached ones stay cached), so a preempted sequence may find its own
-pages again.
+sequence that asks for prompt logprobs from position p has p - 1 (a cached position produces no
+logits); its pages still enter the cache for others. Preemption and finishing release pages
+(cached ones stay cached), so a preempted sequence may find its own pages again.
+
+Requests that share a prefix often arrive together (an evaluation's items and choices): the
+first computes the shared pages, and admitting the others before those pages are named would
+compute them again. So a waiting sequence whose next page a running sequence is computing waits
+for it (it lets later arrivals be admitted meanwhile, never past a shortage of pages or room,
+which keep strict arrival order); it is admitted with the page as a hit a step or two later.
 """
 
 from __future__ import annotations
@@ -165,10 +170,14 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput) -> None:
         if out.preempted:
             return  # the cache is full: admitting now would only preempt again next step
-        while self.waiting and len(self.running) < self.cfg.max_decode_slots:
-            seq = self.waiting[0]
+        in_flight = self._pages_in_flight()
+        for seq in list(self.waiting):
+            if len(self.running) >= self.cfg.max_decode_slots:
+                return
             assert not seq.pages and seq.num_computed == 0, "a waiting sequence holds pages"
             hit = self._cached_prefix(seq)
+            if self._next_page_in_flight(seq, len(hit), in_flight):
+                continue  # take that page from the cache once it is computed
             computed = len(hit) * self.cfg.page_size
             remaining = seq.num_tokens - computed
             is_decode = remaining == 1
@@ -180,7 +189,7 @@ class Scheduler:
             parked = sum(1 for p in hit if self.allocator.refcount[p] == 0)
             if needed + parked > self.allocator.num_free:
                 return  # strict arrival order: nobody overtakes the head of the queue
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self.allocator.share(hit)
@@ -189,6 +198,8 @@ class Scheduler:
             seq.num_computed = computed
             out.query_tokens += seq.num_tokens
             out.hit_tokens += computed
+            if self.cache is not None:
+                in_flight.update(self._unregistered_hashes(seq))
             if is_decode:
                 out.decodes.append(seq)
             else:
@@ -272,6 +283,29 @@ class Scheduler:
         if self.cache is None or limit < self.cfg.page_size:
             return []
         return self.cache.lookup(self._hashes(seq, limit // self.cfg.page_size))
+
+    def _unregistered_hashes(self, seq: Sequence) -> list[PageHash]:
+        """Hashes of `seq`'s full pages of known tokens that are not yet named in the cache
+        (being computed, or to be)."""
+        return self._hashes(seq, seq.num_tokens // self.cfg.page_size)[seq.num_registered:]
+
+    def _pages_in_flight(self) -> set[PageHash]:
+        if self.cache is None:
+            return set()
+        return {h for seq in self.running for h in self._unregistered_hashes(seq)}
+
+    def _next_page_in_flight(self, seq: Sequence, num_hit: int, in_flight: set) -> bool:
+        """Whether the page after `seq`'s cached prefix could be a hit but is still being
+        computed by a running sequence."""
+        if not in_flight:
+            return False
+        limit = seq.num_tokens - 1
+        if seq.max_cached_tokens is not None:
+            limit = min(limit, seq.max_cached_tokens)
+        if (num_hit + 1) * self.cfg.page_size > limit:
+            return False  # no further page could be a hit
+        hashes = self._hashes(seq, num_hit + 1)
+        return len(hashes) > num_hit and hashes[num_hit] in in_flight
 
     def _register(self, seq: Sequence) -> None:
         """Names in the cache the pages of `seq` whose K/V is computed and tokens known."""

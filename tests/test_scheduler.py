@@ -144,11 +144,43 @@ def test_short_prompts_share_one_step():
                        page_size=16, max_model_len=256).resolve(_model(256))
     s = Scheduler(cfg)
     for i in range(8):
-        s.add(Sequence(str(i), list(range(60)), arrival_index=i))
+        s.add(Sequence(str(i), [i] + list(range(59)), arrival_index=i))  # no shared page
     out = s.schedule()
     assert [c.length for c in out.chunks] == [60] * 8
     assert all(c.samples for c in out.chunks)
     assert chunk_starts([60] * 8, 8) == [0, 64, 128, 192, 256, 320, 384, 448]
+
+
+def test_requests_sharing_a_prefix_wait_for_its_pages_instead_of_computing_them():
+    # Items sharing a 40-token context (5 full pages of 8), arriving together: the first
+    # computes the shared pages; the others wait a step for them (later arrivals that share
+    # nothing go ahead meanwhile), then are admitted with the pages as hits.
+    cfg = EngineConfig(chunk_size=64, max_chunk_seqs=4, chunk_align=8, max_decode_slots=8,
+                       page_size=8, max_model_len=256).resolve(_model(256))
+    s = Scheduler(cfg)
+    shared = list(range(40))
+    for i in range(3):
+        s.add(Sequence(f"choice{i}", shared + [50 + i], arrival_index=i))
+    s.add(Sequence("other", [60] * 20, arrival_index=3))
+    first = s.schedule()
+    assert [c.seq.request_id for c in first.chunks] == ["choice0", "other"]
+    assert first.hit_tokens == 0
+    for c in first.chunks:
+        c.seq.num_computed += c.length
+        c.seq.output_ids.append(1)
+    second = s.schedule()
+    # Admitted with the 5 pages as hits, their one remaining token as a decode.
+    assert [q.request_id for q in second.decodes] == ["choice0", "choice1", "choice2"]
+    assert [c.seq.request_id for c in second.chunks] == ["other"]  # the rest of its prompt
+    assert second.hit_tokens == 2 * 40 and not s.waiting
+    # Without the cache nobody waits: all four are admitted at once.
+    cfg_off = EngineConfig(chunk_size=64, max_chunk_seqs=4, chunk_align=8, max_decode_slots=8,
+                           page_size=8, max_model_len=256,
+                           enable_prefix_caching=False).resolve(_model(256))
+    s = Scheduler(cfg_off)
+    for i in range(3):
+        s.add(Sequence(f"choice{i}", shared + [50 + i], arrival_index=i))
+    assert len(s.schedule().chunks) == 2  # 41 + 23 (the budget), in arrival order
 
 
 def test_one_long_prompt_takes_the_whole_budget_and_shares_the_rest():
