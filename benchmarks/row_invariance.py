@@ -6,9 +6,10 @@ For each product a step runs on the ≈125M bench model (fused QKV, O, fused gat
 vocabulary logits) and each backend (XLA's CPU dot as a jitted step uses it, the native skinny
 matmul), the same 8 rows are multiplied alone (M = 8) and inside products of M rows (the
 decode-only steps' 16, the mixed steps' sampling rows 24 and every chunk bucket + 16 decode
-rows), at several row offsets. Reported: whether they are bit-identical to the M = 8 result,
-the largest difference, and each backend's time per product (median of a few calls), so the
-cost of one row-invariant matmul for every M can be read off.
+rows), at several row offsets. Reported: whether they are bit-identical to the M = 8 result
+and to the M = 528 one, the largest differences, and each backend's time per product (median
+of 9 calls, the backends in turn), so the cost of one row-invariant matmul for every M can be
+read off. The summary names the (product, M) where XLA's rows differ.
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ PRODUCTS = (("qkv", 768, 1280), ("o", 768, 768), ("gate_up", 768, 4096), ("down"
 ROWS = (1, 8, 16, 24, 64, 65, 144, 272, 400, 528)
 
 
-def _median_ms(fn, *args, reps=5):
+def _interleaved_ms(backends, x, w, reps=9):
+    """{backend: median ms of one product}, the backends called in turn (a shared machine's
+    other work then weighs on each alike)."""
     import jax
-    jax.block_until_ready(fn(*args))
-    ts = []
+    for fn in backends.values():
+        jax.block_until_ready(fn(x, w))
+    ts = {b: [] for b in backends}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+        for b, fn in backends.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(x, w))
+            ts[b].append(time.perf_counter() - t0)
+    return {b: 1e3 * float(np.median(t)) for b, t in ts.items()}
 
 
 def main() -> None:
@@ -84,10 +89,10 @@ def main() -> None:
                     row[f"max_abs_diff_to_{key}"] = max(float(np.max(np.abs(g - r)))
                                                         for g in got)
                 rows.append(row)
-                if m in (16, 24, 144, 528):
-                    xm = jnp.asarray(big[:m])
-                    timings.append({"product": name, "m": m, "backend": b,
-                                    "ms": _median_ms(fn, xm, w)})
+            if m in (16, 24, 144, 528):
+                ms = _interleaved_ms(backends, jnp.asarray(big[:m]), w)
+                timings += [{"product": name, "m": m, "backend": b, "ms": t}
+                            for b, t in ms.items()]
             print(f"{name:8s} M={m:4d}: " + ", ".join(
                 f"{r['backend']} vs M=8 {'same' if r['bit_equal_to_m8'] else 'DIFF'}, "
                 f"vs M=528 {'same' if r['bit_equal_to_m528'] else 'DIFF'}"
@@ -110,7 +115,8 @@ def main() -> None:
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:
-            json.dump({"cpu": cpu_description(), "jax": jax.__version__, "summary": summary,
+            json.dump({"cpu": cpu_description(), "jax": jax.__version__,
+                       "load_average": os.getloadavg()[0], "summary": summary,
                        "rows": rows, "timings_ms": timings}, f, indent=1)
 
 
