@@ -110,11 +110,11 @@ def run_one(llm, mode: str, pairs: list[ScorePair], warm: list[ScorePair], *,
     """One timed `LLM.score` over every pair, after two untimed warm-up calls."""
     for _ in range(2):
         llm.score([(p.context, p.continuation) for p in warm], use_tqdm=False)
-    before = llm.stats
+    before, load_before = llm.stats, _load_average()
     t0 = time.perf_counter()
     outs = llm.score([(p.context, p.continuation) for p in pairs], use_tqdm=progress)
     wall = time.perf_counter() - t0
-    after = llm.stats
+    after, load_after = llm.stats, _load_average()
     delta = {k: after[k] - before[k] for k in (
         "steps", "mixed_steps", "decode_steps", "scheduled_tokens", "slot_tokens",
         "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "preemptions")}
@@ -137,6 +137,9 @@ def run_one(llm, mode: str, pairs: list[ScorePair], warm: list[ScorePair], *,
         "executables_compiled": after["executables_compiled"],
         "compiles_after_warmup": after["compiles_after_warmup"],
         "attention_backend": after.get("attention_backend"),
+        # Other work on the machine shows in the wall time (shared 2-core VMs): the 1-minute
+        # load average before and after the timed call.
+        "load_average": [load_before, load_after],
         "score_summary": dataclasses.asdict(summary) if summary is not None else None,
         "scores": {"loglik": [o.loglik for o in outs], "is_greedy": [o.is_greedy for o in outs],
                    "token_logprobs": [list(o.token_logprobs) for o in outs]}}
@@ -173,6 +176,13 @@ def item_choices(pairs: list[ScorePair], loglik: list[float]) -> dict[int, int]:
         if p.item not in best or ll > best[p.item][0]:
             best[p.item] = (ll, p.choice)
     return {i: c for i, (_, c) in best.items()}
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def _ratio(x: float, y: float, empty: float = math.nan) -> float:

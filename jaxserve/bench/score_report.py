@@ -46,10 +46,11 @@ _RUN_ROWS = [
     ("Steps", lambda r: r["steps"], 0),
     ("Prefix-cache hit rate", lambda r: r["prefix_cache_hit_rate"], 3),
     ("Compiles after warm-up", lambda r: r["compiles_after_warmup"], 0),
+    ("Load average (1 min, after)", lambda r: (r.get("load_average") or [None, None])[1], 2),
 ]
 
 
-_NO_RATIO = ("Prefix-cache hit rate", "Compiles after warm-up")
+_NO_RATIO = ("Prefix-cache hit rate", "Compiles after warm-up", "Load average (1 min, after)")
 
 
 def cache_table(out: dict) -> str:

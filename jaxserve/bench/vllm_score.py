@@ -73,7 +73,8 @@ def report(vllm: dict, result: dict, pairs: list[ScorePair], runs: list[dict]) -
         "prefix_caching": {
             "enabled": bool((result.get("engine_args") or {}).get("enable_prefix_caching")),
             "skip_reading_prefix_cache": result.get("skip_reading_prefix_cache"),
-            "cached_tokens": sum(cached), "requests_with_cached_tokens": sum(c > 0 for c in cached)},
+            "cached_tokens": sum(cached),
+            "requests_with_cached_tokens": sum(c > 0 for c in cached)},
         "run": {"wall_s": wall, "pairs_per_s": len(pairs) / wall if wall else float("nan"),
                 "scores": scores},
         "ratios": {r["mode"]: {"wall_s": r["wall_s"] / wall if wall else float("nan")}
