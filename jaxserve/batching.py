@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxserve.attention import AttentionShape
 from jaxserve.request import Request
-from jaxserve.scheduler import SchedulerOutput, Sequence, chunk_starts
+from jaxserve.scheduler import SchedulerOutput, Sequence
 from jaxserve.step import StepBatch, example_batch
 
 
@@ -82,9 +82,8 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, global_chunk_seqs: 
             sp.top_p[i], sp.min_p[i] = prm.top_p, prm.min_p
             sp.seeds[i], sp.gen_index[i] = req.seed, len(seq.output_ids)
 
-    starts = chunk_starts([w.length for w in out.chunks], shape.chunk_align)
-    assert not starts or starts[-1] + out.chunks[-1].length <= b, (starts, b)
-    for i, (work, row0) in enumerate(zip(out.chunks, starts)):
+    assert out.chunk_rows <= b, (out.chunk_starts, b)
+    for i, (work, row0) in enumerate(zip(out.chunks, out.chunk_starts)):
         seq = work.seq
         fill(i, row0, seq, work.start, work.length, work.samples)
         req: Request = seq.payload

@@ -30,7 +30,7 @@ from jaxserve.request import Request
 from jaxserve.runner import Runner
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import to_host
-from jaxserve.scheduler import Scheduler, SeqStatus, Sequence, chunk_starts
+from jaxserve.scheduler import Scheduler, SeqStatus, Sequence
 from jaxserve.step import StepOutput
 from jaxserve.validation import check_number, check_request_id, check_token_ids, show
 
@@ -289,9 +289,7 @@ class Engine:
         if sched.is_empty:
             return None
         mixed = bool(sched.chunks)
-        starts = chunk_starts([c.length for c in sched.chunks], self.cfg.chunk_align)
-        chunk_rows = starts[-1] + sched.chunks[-1].length if mixed else 0
-        exe, shape = self.runner.pick(chunk_rows, len(sched.decodes), mixed)
+        exe, shape = self.runner.pick(sched.chunk_rows, len(sched.decodes), mixed)
         batch, plan = build_batch(sched, shape, self.cfg.max_chunk_seqs)
         now = time.perf_counter()
         for seq in [c.seq for c in sched.chunks] + sched.decodes:

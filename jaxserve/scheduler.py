@@ -101,6 +101,13 @@ class SchedulerOutput:
     # Admissions this step: tokens they looked for in the prefix cache, and tokens found.
     query_tokens: int = 0
     hit_tokens: int = 0
+    # The chunk region's layout (`chunk_starts` of the chunks): the first row of each chunk.
+    chunk_starts: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows of the chunk region the chunks take, alignment gaps included."""
+        return self.chunk_starts[-1] + self.chunks[-1].length if self.chunks else 0
 
     @property
     def num_tokens(self) -> int:
@@ -165,6 +172,7 @@ class Scheduler:
                 if self._reserve(seq, seq.num_computed + length, out):
                     out.chunks.append(self._chunk(seq, length))
         self._admit(out)
+        out.chunk_starts = chunk_starts([c.length for c in out.chunks], self.cfg.chunk_align)
         return out
 
     def _admit(self, out: SchedulerOutput) -> None:
