@@ -418,6 +418,7 @@ class Engine:
             st["mixed_scheduled_tokens"] / st["mixed_slot_tokens"]
             if st["mixed_slot_tokens"] else 0.0)
         st["attention_backend"] = self.backend
+        st["batch_invariant"] = self.runner.batch_invariant
         # Of the tokens admitted sequences held (a preempted one counts again when readmitted),
         # the share whose K/V came from the prefix cache; cached_pages: kept, held by nobody.
         st["prefix_cache_hit_rate"] = (

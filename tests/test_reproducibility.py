@@ -46,6 +46,7 @@ def test_option_resolves_and_refuses():
     llm = LLM.from_params(TINY, tiny_params(), chunk_size=32, max_decode_slots=4,
                           decode_buckets=1, chunk_buckets=1)
     assert llm.engine.runner.batch_invariant  # float32 on an AVX-512 CPU: on by default
+    assert llm.stats["batch_invariant"] is True
     assert llm.engine.runner.layout.row_invariant
     with pytest.raises(ValueError, match="attention='xla'"):
         LLM.from_params(TINY, tiny_params(), batch_invariant=True, attention="xla")

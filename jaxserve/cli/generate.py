@@ -124,6 +124,7 @@ def _summary(outputs, wall: float, stats: dict, num_errors: int) -> str:
         ("ITL P99 (ms)", f"{s['itl_ms']['p99']:.1f}"),
         ("Steps", f"{stats['steps']}"),
         ("Attention backend", f"{stats['attention_backend']}"),
+        ("Batch-invariant (bit-reproducible)", "yes" if stats["batch_invariant"] else "no"),
         ("Executables compiled", f"{stats['executables_compiled']}"),
         ("Compiles after warm-up", f"{stats['compiles_after_warmup']}"),
         ("Start-up compile (s)", f"{stats['startup_compile_s']:.1f}"),
