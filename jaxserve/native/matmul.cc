@@ -16,7 +16,8 @@
 // whatever M is and however the strips fall on threads: a row's result does not depend on the
 // other rows of the product, nor on the thread count.
 //
-// x [M, K] float32 or bfloat16, w [K, N] the same dtype, y [M, N] float32.
+// x [M, K] float32 or bfloat16, w [K, N] the same dtype, y [M, N] float32. A second target
+// (JaxserveSkinnyMatmulOutIn) reads w stored [N, K] instead: see run_oi.
 
 #include <immintrin.h>
 
@@ -180,15 +181,112 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
   });
 }
 
+// Products on [out, in] weights (w [N, K], Hugging Face's layout, as the `fused_native` layout
+// stores them): vectorised over the rows of x instead of the columns. x is transposed once per
+// call into row tiles of 16 (xt [K, 16], zero past M); a register tile holds kOiCols outputs,
+// accumulator r = y[i0:i0+16, n + r], and every weight w[n + r, k] is broadcast from memory
+// into its FMA. The kOiCols weight rows a tile reads are one contiguous kOiCols x K block, and
+// a strip of columns is one contiguous region of w: each core streams its strips front to back
+// (read row-major [in, out], a strip is a 2 KiB piece of every row, N * 4 bytes apart). Per
+// y[m, n] the arithmetic is the [in, out] path's, FMA for FMA: the chain over k = 0..K-1 from 0.
+// At 16 rows this measured 1.15-1.2x the [in, out] kernel's weights-only decode step
+// (benchmarks/results/decode_experiment.md).
+constexpr int kOiCols = 24;          // accumulators per register tile
+constexpr int64_t kOiPrefetch = 4;   // cache lines ahead, in each of a tile's weight rows
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// y[0:16, 0:R] (rows outside `rows` untouched) = xt[0:K, 0:16]^T @ w[0:R, 0:K]^T.
+template <int R, typename T>
+inline void tile_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy,
+                    __mmask16 rows) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  __m512 acc[R];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + 16 <= k; k0 += 16) {
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * k + k0 + kOiPrefetch * kLine),
+                   _MM_HINT_T0);
+#pragma GCC unroll 16
+    for (int kk = 0; kk < 16; ++kk) {
+      const __m512 xk = _mm512_loadu_ps(xt + (k0 + kk) * 16);
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(xk, _mm512_set1_ps(widen(w[r * k + k0 + kk])), acc[r]);
+    }
+  }
+  for (; k0 < k; ++k0) {
+    const __m512 xk = _mm512_loadu_ps(xt + k0 * 16);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(xk, _mm512_set1_ps(widen(w[r * k + k0])), acc[r]);
+  }
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int32_t>(ldy)));
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) _mm512_mask_i32scatter_ps(y + r, rows, idx, acc[r], 4);
+}
+
+// Columns [0, width) of y [m, ldy] from w's rows (w at the strip's first row, row length k).
+// Row tiles inner: a register tile's weights (kOiCols x K, in L2) serve every 16 rows of x
+// before the next columns' are read.
+template <int R, typename T>
+inline void column_tile_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy,
+                           int64_t m) {
+  for (int64_t i0 = 0; i0 < m; i0 += 16)
+    tile_oi<R, T>(xt + i0 * k, w, k, y + i0 * ldy, ldy, mask_of(m - i0));
+}
+
+template <typename T>
+void strip_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy, int64_t m,
+              int64_t width) {
+  int64_t c = 0;
+  for (; c + kOiCols <= width; c += kOiCols)
+    column_tile_oi<kOiCols, T>(xt, w + c * k, k, y + c, ldy, m);
+  for (; c + 8 <= width; c += 8) column_tile_oi<8, T>(xt, w + c * k, k, y + c, ldy, m);
+  for (; c < width; ++c) column_tile_oi<1, T>(xt, w + c * k, k, y + c, ldy, m);
+}
+
+template <typename T>
+void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
+            int64_t n) {
+  const int64_t tiles = (m + 15) / 16;
+  std::vector<float> xt(tiles * k * 16, 0.0f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t kk = 0; kk < k; ++kk) xt[((i / 16) * k + kk) * 16 + i % 16] = x[i * k + kk];
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
+  // Strips as the [in, out] path's, rounded to 8 columns (whole register tiles of 24 or 8).
+  const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 7) / 8 * 8;
+  const int64_t strips = (n + width - 1) / width;
+  const float* xtp = xt.data();
+  jaxserve::parallel_for(pool, strips, [=](int64_t s) {
+    const int64_t n0 = s * width;
+    strip_oi<T>(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
+  });
+}
+
+template <bool kOutIn>
 ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::Result<ffi::Buffer<ffi::F32>> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("skinny_matmul: x [M, K] and w [K, N] expected");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[kOutIn ? 1 : 0])
+    return ffi::Error::InvalidArgument(kOutIn ? "skinny_matmul: x [M, K] and w [N, K] expected"
+                                              : "skinny_matmul: x [M, K] and w [K, N] expected");
   if (x.element_type() != w.element_type())
     return ffi::Error::InvalidArgument("skinny_matmul: x and w must share a dtype");
-  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  const int64_t m = xd[0], k = xd[1], n = wd[kOutIn ? 0 : 1];
   if (m == 0 || n == 0) return ffi::Error::Success();
   float* out = y->typed_data();
   if (k == 0) {
@@ -197,8 +295,9 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   }
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      run<float>(pool, reinterpret_cast<const float*>(x.untyped_data()),
-                 reinterpret_cast<const float*>(w.untyped_data()), out, m, k, n);
+      (kOutIn ? run_oi<float> : run<float>)(
+          pool, reinterpret_cast<const float*>(x.untyped_data()),
+          reinterpret_cast<const float*>(w.untyped_data()), out, m, k, n);
       return ffi::Error::Success();
     case ffi::DataType::BF16: {
       // x is small (M x K): widen it once; the weights are widened in registers.
@@ -208,8 +307,8 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
         const uint32_t bits = uint32_t(xb[i]) << 16;
         std::memcpy(&xf[i], &bits, 4);
       }
-      run<uint16_t>(pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out,
-                    m, k, n);
+      (kOutIn ? run_oi<uint16_t> : run<uint16_t>)(
+          pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out, m, k, n);
       return ffi::Error::Success();
     }
     default:
@@ -219,7 +318,15 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmul, skinny_matmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmul, skinny_matmul<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The same product with w stored [N, K] ([out, in]): see run_oi.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmulOutIn, skinny_matmul<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
