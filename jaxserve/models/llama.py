@@ -41,7 +41,7 @@ class WeightLayout:
     the native skinny kernel (jaxserve/native/matmul.cc) instead of XLA's dot; 0 never. Decided
     by shape at trace time, so one executable uses one path per product. The kernel reads
     either layout, with the same arithmetic; it streams `[out, in]` weights fastest (each
-    strip of output columns is one contiguous block of rows: 1.15-1.2x the `[in, out]` path's
+    strip of output columns is one contiguous block of rows: 1.15-1.35x the `[in, out]` path's
     weights-only decode step of 16 rows, benchmarks/results/decode_experiment.md), so the
     CPU default is `fused_native` (`fused`, `[out, in]`), where a tied head (the embedding,
     `[vocab, hidden]`) runs on the kernel too.

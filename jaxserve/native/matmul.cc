@@ -189,9 +189,9 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
 // a strip of columns is one contiguous region of w: each core streams its strips front to back
 // (read row-major [in, out], a strip is a 2 KiB piece of every row, N * 4 bytes apart). Per
 // y[m, n] the arithmetic is the [in, out] path's, FMA for FMA: the chain over k = 0..K-1 from 0.
-// At 16 rows this measured 1.15-1.2x the [in, out] kernel's weights-only decode step
-// (benchmarks/results/decode_experiment.md).
-constexpr int kOiCols = 24;          // accumulators per register tile
+// At 16 rows this measured 1.15-1.35x the [in, out] kernel's weights-only decode step on the
+// 2-core VM, and no slower at 1-64 rows (benchmarks/results/decode_experiment.md).
+constexpr int kOiCols = 16;          // accumulators per register tile (16 measured ~5% over 24, 28)
 constexpr int64_t kOiPrefetch = 4;   // cache lines ahead, in each of a tile's weight rows
 
 inline float widen(float v) { return v; }
@@ -266,7 +266,7 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
     for (int64_t kk = 0; kk < k; ++kk) xt[((i / 16) * k + kk) * 16 + i % 16] = x[i * k + kk];
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
-  // Strips as the [in, out] path's, rounded to 8 columns (whole register tiles of 24 or 8).
+  // Strips as the [in, out] path's, rounded to 8 columns (whole register tiles of kOiCols or 8).
   const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 7) / 8 * 8;
   const int64_t strips = (n + width - 1) / width;
   const float* xtp = xt.data();
