@@ -206,8 +206,9 @@ ATTENTION_BACKENDS = ("auto", "xla", "cpu", "pallas_tpu", "pallas_gpu")
 # hf: Hugging Face's [out, in] projections as loaded; fused: q/k/v and gate/up fused;
 # fused_in_out: fused and stored [in, out]; fused_native and fused_in_out_native: fused ([out,
 # in], resp. [in, out]), with decode-sized products (<= 64 rows) on the native skinny matmul
-# (jaxserve/native/matmul.cc, AVX-512 CPUs), which streams [out, in] weights fastest; auto:
-# fused_native on a CPU that can build it, fused_in_out on another CPU, hf elsewhere.
+# (jaxserve/native/matmul.cc, AVX-512 CPUs), which streams float32 [out, in] weights fastest;
+# auto: on a CPU that can build it fused_native (float32) or fused_in_out_native (bfloat16),
+# fused_in_out on another CPU, hf elsewhere.
 WEIGHT_LAYOUTS = ("auto", "hf", "fused", "fused_in_out", "fused_native", "fused_in_out_native")
 DTYPES = ("float32", "bfloat16")
 

@@ -57,7 +57,8 @@ class Runner:
                                               row_invariant=True)
         else:
             self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout,
-                                         native_matmul=self._native_matmul_available())
+                                         native_matmul=self._native_matmul_available(),
+                                         dtype=cfg.dtype)
         self.params = _serving_params(model_cfg, params, self.layout)
         if self.placement:
             self.params = shard_params(self.params, self.placement.params)

@@ -129,5 +129,7 @@ def test_native_layout_matches_xla_layout():
     # Both native layouts: the same kernel arithmetic, so the same bits.
     np.testing.assert_array_equal(outs["fused_native"], outs["fused_in_out_native"])
     assert resolve_layout("auto", "cpu", native_matmul=True) == resolve_layout("fused_native")
+    assert (resolve_layout("auto", "cpu", native_matmul=True, dtype="bfloat16")
+            == resolve_layout("fused_in_out_native"))
     assert resolve_layout("auto", "cpu", native_matmul=True).native_rows > 0
     assert resolve_layout("auto", "cpu").native_rows == 0

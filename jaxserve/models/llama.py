@@ -43,8 +43,9 @@ class WeightLayout:
     either layout, with the same arithmetic; it streams `[out, in]` weights fastest (each
     strip of output columns is one contiguous block of rows: 1.15-1.35x the `[in, out]` path's
     weights-only decode step of 16 rows, benchmarks/results/decode_experiment.md), so the
-    CPU default is `fused_native` (`fused`, `[out, in]`), where a tied head (the embedding,
-    `[vocab, hidden]`) runs on the kernel too.
+    float32 CPU default is `fused_native` (`fused`, `[out, in]`), where a tied head (the
+    embedding, `[vocab, hidden]`) runs on the kernel too. Not for bfloat16: that path widens
+    the weights one by one (0.4-0.75x), so bfloat16 stays on `fused_in_out_native`.
 
     `row_invariant` (needs `in_out`; `EngineConfig.batch_invariant`): every product, whatever
     its rows, runs on the native kernel, whose rows do not depend on each other, so a row's

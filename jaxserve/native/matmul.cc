@@ -191,6 +191,8 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
 // y[m, n] the arithmetic is the [in, out] path's, FMA for FMA: the chain over k = 0..K-1 from 0.
 // At 16 rows this measured 1.15-1.35x the [in, out] kernel's weights-only decode step on the
 // 2-core VM, and no slower at 1-64 rows (benchmarks/results/decode_experiment.md).
+// bfloat16 weights are widened one by one here (a scalar shift and a broadcast per weight):
+// 0.4-0.75x the [in, out] path, so bfloat16 models keep [in, out] (resolve_layout).
 constexpr int kOiCols = 16;          // accumulators per register tile (16 measured ~5% over 24, 28)
 constexpr int64_t kOiPrefetch = 4;   // cache lines ahead, in each of a tile's weight rows
 
