@@ -2,6 +2,7 @@
 of the bench model under XLA's options and the native skinny kernel, and a whole decode step.
 
   python benchmarks/decode_bandwidth.py [--json_out=benchmarks/results/decode_bandwidth.json]
+      [--decode_only]  (the read probe and the decode step only)
 
 - read probe: a jitted sum over 512 MiB of float32 (reads only), best of 10, with both cores and
   in a child process pinned to one core; numpy's sum (one thread) beside it.
@@ -13,8 +14,9 @@ of the bench model under XLA's options and the native skinny kernel, and a whole
   in two explicit halves, the native kernel (jaxserve/native/matmul.cc). XLA flag variants each
   in a child process (XLA reads XLA_FLAGS once), plus XLA's default pinned to one core.
 - decode step: the bench model's 12 layers and lm_head on 16 tokens (attention replaced by the
-  identity: weights only), `fused_in_out` (XLA's dot) against `fused_in_out_native`: weight
-  bytes / time and MBU against the two-core read probe, measured interleaved.
+  identity: weights only), `fused_in_out` (XLA's dot) against the native kernel on `[in, out]`
+  weights (`fused_in_out_native`) and on `[out, in]` weights (`fused_native`, the CPU default):
+  weight bytes / time and MBU against the two-core read probe, measured interleaved.
 
 The machine is shared: every variant is timed interleaved with its comparison in one process,
 and the read probe is re-measured right before the products and the decode step.
@@ -109,8 +111,12 @@ def product_variants(names: list[str]) -> dict:
     return res
 
 
-def decode_step() -> dict:
-    """The bench model's weights on 16 tokens, `fused_in_out` vs `fused_in_out_native`."""
+DECODE_LAYOUTS = ("fused_in_out", "fused_in_out_native", "fused_native")
+
+
+def decode_step(rounds: int = 5) -> dict:
+    """The bench model's weights on 16 tokens: `fused_in_out`, `fused_in_out_native` and
+    `fused_native`, interleaved."""
     import jax
     import jax.numpy as jnp
 
@@ -130,7 +136,7 @@ def decode_step() -> dict:
         return q, cache
 
     fns = {}
-    for name in ("fused_in_out", "fused_in_out_native"):
+    for name in DECODE_LAYOUTS:
         layout = resolve_layout(name, "cpu")
         params = to_layout(cfg, hf, layout)
 
@@ -143,12 +149,15 @@ def decode_step() -> dict:
     out = {n: np.asarray(f(p, tokens, positions)) for n, (f, p) in fns.items()}
     ref = out["fused_in_out"]
     max_rel = float(np.max(np.abs(out["fused_in_out_native"] - ref)) / np.max(np.abs(ref)))
+    # The two native layouts run the same arithmetic: the same bits.
+    native_identical = bool(np.array_equal(out["fused_native"], out["fused_in_out_native"]))
     ts = {n: [] for n in fns}
-    for _ in range(5):
+    for _ in range(rounds):
         for n, (f, p) in fns.items():
             ts[n] += _times(f, p, tokens, positions, reps=5)
     wbytes = model_costs(cfg, "float32")["weight_bytes_per_step"]
     return {"weight_bytes": wbytes, "logits_max_rel_diff": max_rel,
+            "native_layouts_bit_identical": native_identical,
             **{n: {"ms_median": float(np.median(t)) * 1e3, "ms_best": min(t) * 1e3,
                    "gbps_median": wbytes / float(np.median(t)) / 1e9} for n, t in ts.items()}}
 
@@ -160,6 +169,34 @@ def child(what: str) -> None:
                           "products": product_variants(["xla_in_out", "native"])}))
     else:
         print(json.dumps({"products": product_variants(["xla_in_out", "xla_out_in"])}))
+
+
+def print_decode_step(d: dict, read: float) -> None:
+    print(f"\ndecode step (16 tokens, weights only, {d['weight_bytes'] / 1e6:.0f} MB; read probe "
+          f"{read:.1f} GB/s; logits max rel diff {d['logits_max_rel_diff']:.1e}; native layouts "
+          f"bit-identical: {d['native_layouts_bit_identical']})")
+    for n in DECODE_LAYOUTS:
+        d[n]["mbu"] = d[n]["gbps_median"] / read
+        print(f"  {n:<22} {d[n]['ms_median']:6.1f} ms (best {d[n]['ms_best']:.1f})  "
+              f"{d[n]['gbps_median']:5.1f} GB/s  MBU {d[n]['mbu']:.2f}")
+
+
+def decode_only(json_out: str) -> None:
+    """The read probe before and after, and the decode step in 15 interleaved rounds."""
+    import jax
+    cpu = cpu_description()
+    print(f"CPU: {cpu_line()}\njax {jax.__version__}")
+    before = read_probe()
+    d = decode_step(rounds=15)
+    after = read_probe()
+    read = max(before, after)
+    print_decode_step(d, read)
+    if json_out:
+        os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
+        with open(json_out, "w") as f:
+            json.dump({"cpu": cpu, "jax_version": jax.__version__, "m": M,
+                       "read_gbps_before": before, "read_gbps_after": after,
+                       "decode_step": d}, f, indent=1)
 
 
 def run_child(what: str, xla_flags: str = "") -> dict | None:
@@ -177,9 +214,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json_out", default="benchmarks/results/decode_bandwidth.json")
     ap.add_argument("--child", default=None)
+    ap.add_argument("--decode_only", action="store_true",
+                    help="only the read probe and the decode step (more rounds of it)")
     args = ap.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.decode_only:
+        decode_only(args.json_out)
         return
     import jax
     cpu = cpu_description()
@@ -218,12 +260,7 @@ def main() -> None:
                                    for s in SHAPES))
     d = res["decode_step"]
     read = res["read_gbps_before_decode"]
-    print(f"\ndecode step (16 tokens, weights only, {d['weight_bytes'] / 1e6:.0f} MB; read probe "
-          f"{read:.1f} GB/s just before; logits max rel diff {d['logits_max_rel_diff']:.1e})")
-    for n in ("fused_in_out", "fused_in_out_native"):
-        d[n]["mbu"] = d[n]["gbps_median"] / read
-        print(f"  {n:<22} {d[n]['ms_median']:6.1f} ms (best {d[n]['ms_best']:.1f})  "
-              f"{d[n]['gbps_median']:5.1f} GB/s  MBU {d[n]['mbu']:.2f}")
+    print_decode_step(d, read)
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:

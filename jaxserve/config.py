@@ -203,12 +203,13 @@ def _parse_hf_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "xla", "cpu", "pallas_tpu", "pallas_gpu")
-# hf: Hugging Face's [out, in] projections as loaded; fused_in_out: q/k/v and gate/up fused and
-# stored [in, out] (measured faster for XLA's CPU dot); fused_in_out_native: the same, with
-# decode-sized products (<= 64 rows) on the native skinny matmul (jaxserve/native/matmul.cc,
-# AVX-512 CPUs); auto: fused_in_out_native on a CPU that can build it, fused_in_out on another
-# CPU, hf elsewhere.
-WEIGHT_LAYOUTS = ("auto", "hf", "fused", "fused_in_out", "fused_in_out_native")
+# hf: Hugging Face's [out, in] projections as loaded; fused: q/k/v and gate/up fused;
+# fused_in_out: fused and stored [in, out]; fused_native and fused_in_out_native: fused ([out,
+# in], resp. [in, out]), with decode-sized products (<= 64 rows) on the native skinny matmul
+# (jaxserve/native/matmul.cc, AVX-512 CPUs), which streams float32 [out, in] weights fastest;
+# auto: on a CPU that can build it fused_native (float32) or fused_in_out_native (bfloat16),
+# fused_in_out on another CPU, hf elsewhere.
+WEIGHT_LAYOUTS = ("auto", "hf", "fused", "fused_in_out", "fused_native", "fused_in_out_native")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -294,8 +295,9 @@ class EngineConfig:
         if self.batch_invariant:
             # It runs every matmul and attention on the native CPU kernels (one device).
             clash = [f"{name}={getattr(self, name)!r} (use {want})" for name, ok, want in (
-                ("weight_layout", self.weight_layout in ("auto", "fused_in_out_native"),
-                 "'auto' or 'fused_in_out_native'"),
+                ("weight_layout",
+                 self.weight_layout in ("auto", "fused_native", "fused_in_out_native"),
+                 "'auto', 'fused_native' or 'fused_in_out_native'"),
                 ("attention", self.attention in ("auto", "cpu"), "'auto' or 'cpu'"),
                 ("mesh_shape", not self.mesh_shape, "''")) if not ok]
             if clash:

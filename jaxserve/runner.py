@@ -53,11 +53,13 @@ class Runner:
         # Converted once to the serving layout; the caller's params are left as they are.
         self.batch_invariant = self._resolve_batch_invariant()
         if self.batch_invariant:
-            self.layout = dataclasses.replace(resolve_layout("fused_in_out_native", "cpu"),
-                                              row_invariant=True)
+            self.layout = dataclasses.replace(
+                resolve_layout(cfg.weight_layout, "cpu", native_matmul=True, dtype=cfg.dtype),
+                row_invariant=True)
         else:
             self.layout = resolve_layout("hf" if self.placement else cfg.weight_layout,
-                                         native_matmul=self._native_matmul_available())
+                                         native_matmul=self._native_matmul_available(),
+                                         dtype=cfg.dtype)
         self.params = _serving_params(model_cfg, params, self.layout)
         if self.placement:
             self.params = shard_params(self.params, self.placement.params)
@@ -192,10 +194,10 @@ class Runner:
 
 
 def _serving_params(model_cfg: ModelConfig, params, layout: WeightLayout):
-    """`to_layout`, plus, for a row-invariant layout of a model with tied embeddings, the head's
-    `[in, out]` copy of the embedding (`lm_head`; the native kernel reads no other layout):
-    one more vocab x hidden matrix in memory."""
-    if not (layout.row_invariant and model_cfg.tie_word_embeddings):
+    """`to_layout`, plus, for a row-invariant `[in, out]` layout of a model with tied
+    embeddings, the head's `[in, out]` copy of the embedding (`lm_head`, so that every product
+    reads one layout): one more vocab x hidden matrix in memory."""
+    if not (layout.row_invariant and layout.in_out and model_cfg.tie_word_embeddings):
         return to_layout(model_cfg, params, layout)
     from flax import nnx
     base = to_layout(model_cfg, params, dataclasses.replace(layout, row_invariant=False))

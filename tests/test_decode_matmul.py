@@ -75,6 +75,33 @@ def test_rows_do_not_depend_on_each_other():
         np.testing.assert_array_equal(np.asarray(_skinny(x[rows], w)), full[rows])
 
 
+def _skinny_out_in(x, w_out_in):
+    from jaxserve.native.matmul import skinny_matmul
+    return jax.jit(lambda x, w: skinny_matmul(x, w, out_in=True))(x, w_out_in)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (3, 37, 33), (8, 100, 300), (16, 768, 1280),
+                                   (17, 257, 520), (64, 96, 70), (100, 33, 47), (16, 64, 4100),
+                                   (200, 600, 70), (97, 513, 33)])  # > 64 rows: the tall path
+def test_out_in_weights_give_the_same_bits(m, k, n, dtype):
+    # w stored [N, K] (the fused_native layout) runs another loop nest, with the same FMA chain
+    # per output: bit-identical to the [K, N] path, whatever the row count.
+    x, w = _operands(m, k, n, dtype, seed=m * k + n)
+    want = np.asarray(_skinny(x, w))
+    got = np.asarray(_skinny_out_in(x, jnp.asarray(np.ascontiguousarray(np.asarray(w).T))))
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_out_in_rows_do_not_depend_on_each_other():
+    x, w = _operands(140, 300, 520, jnp.float32)
+    w_oi = jnp.asarray(np.ascontiguousarray(np.asarray(w).T))
+    full = np.asarray(_skinny_out_in(x, w_oi))  # tall
+    for rows in (slice(0, 1), slice(3, 12), slice(9, 16), slice(5, 37), slice(30, 130)):
+        np.testing.assert_array_equal(np.asarray(_skinny_out_in(x[rows], w_oi)), full[rows])
+
+
 def test_leading_dims_and_errors():
     from jaxserve.native.matmul import skinny_matmul
     x, w = _operands(6, 40, 24, jnp.float32)
@@ -93,12 +120,17 @@ def test_native_layout_matches_xla_layout():
     hf = init_params(TINY, seed=0)
     tokens = jnp.arange(5, dtype=jnp.int32)
     outs = {}
-    for name in ("fused_in_out", "fused_in_out_native"):
+    for name in ("fused_in_out", "fused_in_out_native", "fused_native"):
         layout = resolve_layout(name, "cpu")
         model = bind(TINY, to_layout(TINY, hf, layout), layout)
         h, _ = model.hidden_states(tokens, tokens, lambda i, q, k, v, c: (q, c), None)
         outs[name] = np.asarray(model.logits(h))
     np.testing.assert_allclose(outs["fused_in_out_native"], outs["fused_in_out"], rtol=1e-4,
                                atol=1e-4)
+    # Both native layouts: the same kernel arithmetic, so the same bits.
+    np.testing.assert_array_equal(outs["fused_native"], outs["fused_in_out_native"])
+    assert resolve_layout("auto", "cpu", native_matmul=True) == resolve_layout("fused_native")
+    assert (resolve_layout("auto", "cpu", native_matmul=True, dtype="bfloat16")
+            == resolve_layout("fused_in_out_native"))
     assert resolve_layout("auto", "cpu", native_matmul=True).native_rows > 0
     assert resolve_layout("auto", "cpu").native_rows == 0

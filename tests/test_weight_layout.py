@@ -34,3 +34,23 @@ def test_resolve_layout():
     assert resolve_layout("auto", "tpu") == WeightLayout()
     with pytest.raises(ValueError, match="weight_layout='bogus'"):
         resolve_layout("bogus")
+
+
+def test_native_layout_with_tied_head_matches_hf():
+    # fused_native: [out, in] products of <= 64 rows, and a tied head (the embedding), on the
+    # native kernel.
+    import dataclasses
+
+    from jaxserve.native import matmul_build
+    if not matmul_build.supported():
+        pytest.skip("the native matmul needs an AVX-512 CPU")
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    params = init_params(cfg, seed=3)
+    ids = jnp.asarray([3, 1, 4, 1, 5, 9, 2, 6], jnp.int32)
+    ref = np.asarray(forward_dense(cfg, params, ids))
+    layout = resolve_layout("fused_native")
+    model = bind(cfg, to_layout(cfg, params, layout), layout)
+    assert model.lm_head is None and model.tied_head_native_rows == layout.native_rows
+    hidden, _ = model.hidden_states(
+        ids, jnp.arange(8), lambda layer, q, k, v, c: (causal_attention(q, k, v), c), None)
+    np.testing.assert_allclose(np.asarray(model.logits(hidden)), ref, atol=1e-5)

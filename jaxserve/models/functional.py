@@ -53,22 +53,28 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype="float32") -> nnx.State:
     return nnx.split(model)[1]
 
 
-# Products of at most this many rows use the native skinny matmul under `fused_in_out_native`:
+# Products of at most this many rows use the native skinny matmul under `fused_native` and
+# `fused_in_out_native`:
 # decode steps of up to 64 sequences (weight-streaming bound); larger products are GEMMs, where
 # XLA's blocked dot does better.
 NATIVE_MATMUL_ROWS = 64
 
 
-def resolve_layout(name: str, platform: str | None = None, native_matmul: bool = False
-                   ) -> WeightLayout:
+def resolve_layout(name: str, platform: str | None = None, native_matmul: bool = False,
+                   dtype: str = "float32") -> WeightLayout:
     """An EngineConfig.weight_layout name -> WeightLayout. `auto` decides by platform: on the
-    CPU `fused_in_out`, or `fused_in_out_native` where the caller says the native matmul can run
-    here (`jaxserve.native.matmul_build.supported()` and its library loads), elsewhere `hf`."""
+    CPU `fused_in_out`, or where the caller says the native matmul can run here
+    (`jaxserve.native.matmul_build.supported()` and its library loads) `fused_native` for
+    float32 weights and `fused_in_out_native` for bfloat16 ones (the kernel widens bfloat16
+    weights one by one on the `[out, in]` path: 0.4-0.75x its `[in, out]` path's decode step);
+    elsewhere `hf`."""
     if name == "auto":
         cpu = (platform or jax.default_backend()) == "cpu"
-        name = ("fused_in_out_native" if native_matmul else "fused_in_out") if cpu else "hf"
+        native = "fused_native" if dtype == "float32" else "fused_in_out_native"
+        name = (native if native_matmul else "fused_in_out") if cpu else "hf"
     layouts = {"hf": HF_LAYOUT, "fused": WeightLayout(fused=True),
                "fused_in_out": WeightLayout(fused=True, in_out=True),
+               "fused_native": WeightLayout(fused=True, native_rows=NATIVE_MATMUL_ROWS),
                "fused_in_out_native": WeightLayout(fused=True, in_out=True,
                                                    native_rows=NATIVE_MATMUL_ROWS)}
     if name not in layouts:

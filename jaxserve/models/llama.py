@@ -37,27 +37,28 @@ class WeightLayout:
     out]` and `[out, in]` weights at about the same (low) rate at 16 rows
     (`benchmarks/decode_bandwidth.py`).
 
-    `native_rows` (needs `in_out`; CPU with AVX-512): products of at most this many rows (a
-    decode step's) use the native skinny kernel (jaxserve/native/matmul.cc) instead of XLA's
-    dot; 0 never. Decided by shape at trace time, so one executable uses one path per product.
+    `native_rows` (CPU with AVX-512): products of at most this many rows (a decode step's) use
+    the native skinny kernel (jaxserve/native/matmul.cc) instead of XLA's dot; 0 never. Decided
+    by shape at trace time, so one executable uses one path per product. The kernel reads
+    either layout, with the same arithmetic; it streams `[out, in]` weights fastest (each
+    strip of output columns is one contiguous block of rows: 1.15-1.35x the `[in, out]` path's
+    weights-only decode step of 16 rows, benchmarks/results/decode_experiment.md), so the
+    float32 CPU default is `fused_native` (`fused`, `[out, in]`), where a tied head (the
+    embedding, `[vocab, hidden]`) runs on the kernel too. Not for bfloat16: that path widens
+    the weights one by one (0.4-0.75x), so bfloat16 stays on `fused_in_out_native`.
 
-    `row_invariant` (needs `in_out`; `EngineConfig.batch_invariant`): every product, whatever
-    its rows, runs on the native kernel, whose rows do not depend on each other, so a row's
+    `row_invariant` (`EngineConfig.batch_invariant`): every product, whatever its rows, runs
+    on the native kernel (either layout), whose rows do not depend on each other, so a row's
     result is the same to the bit in a decode-only step of 8 rows, a mixed step of 528 or a
     prompt chunk at any offset. XLA's CPU dot is not: it picks its arithmetic by shape (on the
     bench VM one for 1 row, one for 8-16, another from 24; benchmarks/row_invariance.py). With
-    tied embeddings the head gets an `[in, out]` copy of the embedding (`lm_head`), as the
-    kernel reads no other layout."""
+    tied embeddings and `[in, out]` weights the head gets an `[in, out]` copy of the embedding
+    (`lm_head`); `[out, in]` layouts read the embedding itself."""
 
     fused: bool = False
     in_out: bool = False
     native_rows: int = 0
     row_invariant: bool = False
-
-    def __post_init__(self):
-        if (self.native_rows or self.row_invariant) and not self.in_out:
-            raise ValueError("WeightLayout: native_rows and row_invariant need in_out=True (the "
-                             "kernel reads [in, out] weights)")
 
     @property
     def rows_on_native(self) -> int:
@@ -71,10 +72,10 @@ _ALL_ROWS = 2**62
 
 def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0) -> jax.Array:
     """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out]), f32 accumulation. Products
-    of at most `native_rows` rows (in_out only) run on the native skinny kernel."""
-    if native_rows and in_out and math.prod(x.shape[:-1]) <= native_rows:
+    of at most `native_rows` rows run on the native skinny kernel (either layout)."""
+    if native_rows and math.prod(x.shape[:-1]) <= native_rows:
         from jaxserve.native.matmul import skinny_matmul  # the CPU-only path loads it
-        return skinny_matmul(x, w)
+        return skinny_matmul(x, w, out_in=not in_out)
     contract = 0 if in_out else 1
     return jax.lax.dot_general(
         x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
@@ -252,7 +253,10 @@ class LlamaForCausalLM(nnx.Module):
                  layout: WeightLayout = HF_LAYOUT):
         self.config = cfg
         self.model = LlamaModel(cfg, dtype=dtype, rngs=rngs, layout=layout)
-        if cfg.tie_word_embeddings and not layout.row_invariant:
+        # The tied head reads the embedding, [vocab, hidden] = [out, in]: on the native kernel
+        # where the layout's products are [out, in] ones too.
+        self.tied_head_native_rows = 0 if layout.in_out else layout.rows_on_native
+        if cfg.tie_word_embeddings and not (layout.row_invariant and layout.in_out):
             self.lm_head = None  # the embedding, [vocab, hidden], doubles as the head
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
@@ -275,6 +279,7 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, hidden] -> f32[N, vocab]."""
         if self.lm_head is None:
-            return _dot_f32(hidden, self.model.embed_tokens.weight[...], in_out=False)
+            return _dot_f32(hidden, self.model.embed_tokens.weight[...], in_out=False,
+                            native_rows=self.tied_head_native_rows)
         head = self.lm_head
         return _dot_f32(hidden, head.weight[...], head.in_out, head.native_rows)

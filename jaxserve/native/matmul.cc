@@ -18,7 +18,8 @@
 // whatever M is and however the strips fall on threads: a row's result does not depend on the
 // other rows of the product, nor on the thread count.
 //
-// x [M, K] float32 or bfloat16, w [K, N] the same dtype, y [M, N] float32.
+// x [M, K] float32 or bfloat16, w [K, N] the same dtype, y [M, N] float32. A second target
+// (JaxserveSkinnyMatmulOutIn) reads w stored [N, K] instead: see run_oi.
 
 #include <immintrin.h>
 
@@ -141,7 +142,112 @@ constexpr int64_t kPanelK = 256;  // 256 x 32 x 4 B = 32 KiB
 constexpr int kTallTileM = 12;
 constexpr int64_t kTallBlockM = 240;  // 20 row tiles: x slice 240 KiB, y up to ~0.5 MiB
 
-template <typename T>
+// One weight as float32 (bfloat16: its bits are a float32's top half).
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// r[i][q] -> r[q][i] for a 16 x 16 block of floats: unpack pairs of rows, then pairs of pairs,
+// then gather the 128-bit lanes (after which r[4L + e] is element 4L + e of every row).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  const auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+  const auto ps = [](__m512d v) { return _mm512_castpd_ps(v); };
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    u[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    u[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+    u[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+  }
+  // u[4a + e], lane L: element 4L + e of rows 4a..4a+3.
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {
+    const __m512 x0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
+    const __m512 x1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+    const __m512 y1 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+    r[e] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    r[8 + e] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    r[4 + e] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    r[12 + e] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+
+// The weights a panel covers, [kn, 32] from column c and weight row k0 on, either stored
+// [in, out] (kOutIn false: w is the strip's first column, rows ldw apart) or [out, in] (kOutIn
+// true: w is the strip's first output row, rows k apart), copied (widened) into the panel
+// [kn, 32], or prefetched into L2 a share at a time.
+template <bool kOutIn, typename T>
+inline void fill_panel(float* panel, const T* w, int64_t ldw, int64_t k, int64_t k0,
+                       int64_t kn, int64_t c, int64_t cols) {
+  if (!kOutIn) {
+    const __mmask16 m0 = mask_of(cols), m1 = mask_of(cols - 16);
+    for (int64_t kk = 0; kk < kn; ++kk) {
+      const T* src = w + (k0 + kk) * ldw + c;
+      _mm512_store_ps(panel + kk * 32, load_w<true>(src, m0));
+      _mm512_store_ps(panel + kk * 32 + 16, load_w<true>(src + 16, m1));
+    }
+    return;
+  }
+  // A transpose: each output row's kn weights are contiguous; the panel wants them 32 apart.
+  // 16 x 16 blocks in registers (a scalar copy made the tall [out, in] path 8-17% slower than
+  // the [in, out] one at 528 rows); the k tail one by one.
+  const int64_t kn16 = kn / 16 * 16;
+  for (int64_t j0 = 0; j0 < 32; j0 += 16) {
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, cols - j0));
+    for (int64_t kk = 0; kk < kn16; kk += 16) {
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? load_w<false>(w + (c + j0 + i) * k + k0 + kk, 0) : _mm512_setzero_ps();
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) _mm512_store_ps(panel + (kk + q) * 32 + j0, r[q]);
+    }
+    for (int64_t i = 0; i < 16; ++i) {
+      const T* src = w + (c + j0 + i) * k + k0;
+      for (int64_t kk = kn16; kk < kn; ++kk)
+        panel[kk * 32 + j0 + i] = i < rows ? widen(src[kk]) : 0.0f;
+    }
+  }
+}
+
+// Cache lines [first, last) of the panel at (k0, c) (kn x 32 weights), into L2.
+template <bool kOutIn, typename T>
+inline void prefetch_panel(const T* w, int64_t ldw, int64_t k, int64_t k0, int64_t c,
+                           int64_t kn, int64_t first, int64_t last) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  if (!kOutIn) {  // two lines per weight row (32 columns)
+    for (int64_t l = first; l < last; ++l) {
+      const T* p = w + (k0 + l / 2) * ldw + c + (l % 2) * 16;
+      _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+    }
+    return;
+  }
+  const int64_t per_row = (kn + kLine - 1) / kLine;  // lines per output row
+  for (int64_t l = first; l < last; ++l) {
+    const T* p = w + (c + l / per_row) * k + k0 + (l % per_row) * kLine;
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  }
+}
+
+template <bool kOutIn, typename T>
+inline int64_t panel_lines(int64_t kn) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  return kOutIn ? 32 * ((kn + kLine - 1) / kLine) : 2 * kn;
+}
+
+template <bool kOutIn, typename T>
 void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, int64_t m,
                 int64_t k, int64_t width) {
   alignas(64) float panel[kPanelK * 32];
@@ -152,26 +258,25 @@ void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, 
       for (int64_t c = 0; c < width; c += 32) {
         const int64_t cols = std::min<int64_t>(32, width - c);
         const __mmask16 m0 = mask_of(cols), m1 = mask_of(cols - 16);
-        for (int64_t kk = 0; kk < kn; ++kk) {
-          const T* src = w + (k0 + kk) * ldw + c;
-          _mm512_store_ps(panel + kk * 32, load_w<true>(src, m0));
-          _mm512_store_ps(panel + kk * 32 + 16, load_w<true>(src + 16, m1));
-        }
-        // The next panel's weights, fetched into L2 a few rows per row tile (it would come
+        fill_panel<kOutIn, T>(panel, w, ldw, k, k0, kn, c, cols);
+        // The next panel's weights, fetched into L2 a few lines per row tile (it would come
         // from memory while the FMAs wait, ~7% of a 528-row product).
         const bool last_c = c + 32 >= width;
         const int64_t nk0 = last_c ? k0 + kPanelK : k0, nc = last_c ? 0 : c + 32;
         const int64_t nkn = nk0 < k ? std::min(kPanelK, k - nk0) : 0;
+        const int64_t lines = nkn ? panel_lines<kOutIn, T>(nkn) : 0;
+        const int64_t ncols = std::min<int64_t>(32, width - nc);
         const int64_t tiles = std::max<int64_t>(1, (r1 - r0) / kTallTileM);
-        const int64_t per = (nkn + tiles - 1) / tiles;
-        int64_t pf_row = 0;
+        const int64_t per = (lines + tiles - 1) / tiles;
+        int64_t pf = 0;
         int64_t i0 = r0;
         for (; i0 + kTallTileM <= r1; i0 += kTallTileM) {
-          for (int64_t e = std::min(nkn, pf_row + per); pf_row < e; ++pf_row) {
-            const T* p = w + (nk0 + pf_row) * ldw + nc;
-            _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(p) + 64, _MM_HINT_T1);
-          }
+          const int64_t e = std::min(lines, pf + per);
+          // [out, in]: only the rows of the next tile's columns that exist.
+          if (pf < e && (!kOutIn || ncols > 0))
+            prefetch_panel<kOutIn, T>(w, ldw, k, nk0, nc, nkn, pf,
+                                      kOutIn ? std::min(e, ncols * (lines / 32)) : e);
+          pf = e;
           (cols < 32 ? tile<kTallTileM, true, float> : tile<kTallTileM, false, float>)(
               x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy, kn, m0, m1, k0 == 0,
               nullptr);
@@ -199,21 +304,122 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
   jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
     if (m > kTallRows)
-      strip_tall<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
+      strip_tall<false, T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
     else
       strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
   });
 }
 
+// Products on [out, in] weights (w [N, K], Hugging Face's layout, as the `fused_native` layout
+// stores them): vectorised over the rows of x instead of the columns. x is transposed once per
+// call into row tiles of 16 (xt [K, 16], zero past M); a register tile holds kOiCols outputs,
+// accumulator r = y[i0:i0+16, n + r], and every weight w[n + r, k] is broadcast from memory
+// into its FMA. The kOiCols weight rows a tile reads are one contiguous kOiCols x K block, and
+// a strip of columns is one contiguous region of w: each core streams its strips front to back
+// (read row-major [in, out], a strip is a 2 KiB piece of every row, N * 4 bytes apart). Per
+// y[m, n] the arithmetic is the [in, out] path's, FMA for FMA: the chain over k = 0..K-1 from 0.
+// At 16 rows this measured 1.15-1.35x the [in, out] kernel's weights-only decode step on the
+// 2-core VM, and no slower at 1-64 rows (benchmarks/results/decode_experiment.md).
+// bfloat16 weights are widened one by one here (a scalar shift and a broadcast per weight):
+// 0.4-0.75x the [in, out] path, so bfloat16 models keep [in, out] (resolve_layout).
+constexpr int kOiCols = 16;          // accumulators per register tile (16 measured ~5% over 24, 28)
+constexpr int64_t kOiPrefetch = 4;   // cache lines ahead, in each of a tile's weight rows
+
+// y[0:16, 0:R] (rows outside `rows` untouched) = xt[0:K, 0:16]^T @ w[0:R, 0:K]^T.
+template <int R, typename T>
+inline void tile_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy,
+                    __mmask16 rows) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  __m512 acc[R];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + 16 <= k; k0 += 16) {
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * k + k0 + kOiPrefetch * kLine),
+                   _MM_HINT_T0);
+#pragma GCC unroll 16
+    for (int kk = 0; kk < 16; ++kk) {
+      const __m512 xk = _mm512_loadu_ps(xt + (k0 + kk) * 16);
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(xk, _mm512_set1_ps(widen(w[r * k + k0 + kk])), acc[r]);
+    }
+  }
+  for (; k0 < k; ++k0) {
+    const __m512 xk = _mm512_loadu_ps(xt + k0 * 16);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(xk, _mm512_set1_ps(widen(w[r * k + k0])), acc[r]);
+  }
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int32_t>(ldy)));
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) _mm512_mask_i32scatter_ps(y + r, rows, idx, acc[r], 4);
+}
+
+// Columns [0, width) of y [m, ldy] from w's rows (w at the strip's first row, row length k).
+// Row tiles inner: a register tile's weights (kOiCols x K, in L2) serve every 16 rows of x
+// before the next columns' are read.
+template <int R, typename T>
+inline void column_tile_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy,
+                           int64_t m) {
+  for (int64_t i0 = 0; i0 < m; i0 += 16)
+    tile_oi<R, T>(xt + i0 * k, w, k, y + i0 * ldy, ldy, mask_of(m - i0));
+}
+
+template <typename T>
+void strip_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy, int64_t m,
+              int64_t width) {
+  int64_t c = 0;
+  for (; c + kOiCols <= width; c += kOiCols)
+    column_tile_oi<kOiCols, T>(xt, w + c * k, k, y + c, ldy, m);
+  for (; c + 8 <= width; c += 8) column_tile_oi<8, T>(xt, w + c * k, k, y + c, ldy, m);
+  for (; c < width; ++c) column_tile_oi<1, T>(xt, w + c * k, k, y + c, ldy, m);
+}
+
+template <typename T>
+void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
+            int64_t n) {
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
+  if (m > kTallRows) {
+    // Tall: the [in, out] path's panels and tiles, each panel copied transposed (same FMA
+    // chain per y[m, n], so the same bits as the skinny path below).
+    const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 31) / 32 * 32;
+    jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
+      const int64_t n0 = s * width;
+      strip_tall<true, T>(x, w + n0 * k, n, y + n0, n, m, k, std::min(width, n - n0));
+    });
+    return;
+  }
+  const int64_t tiles = (m + 15) / 16;
+  std::vector<float> xt(tiles * k * 16, 0.0f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t kk = 0; kk < k; ++kk) xt[((i / 16) * k + kk) * 16 + i % 16] = x[i * k + kk];
+  // Strips as the [in, out] path's, rounded to 8 columns (whole register tiles of kOiCols or 8).
+  const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 7) / 8 * 8;
+  const int64_t strips = (n + width - 1) / width;
+  const float* xtp = xt.data();
+  jaxserve::parallel_for(pool, strips, [=](int64_t s) {
+    const int64_t n0 = s * width;
+    strip_oi<T>(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
+  });
+}
+
+template <bool kOutIn>
 ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::Result<ffi::Buffer<ffi::F32>> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("skinny_matmul: x [M, K] and w [K, N] expected");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[kOutIn ? 1 : 0])
+    return ffi::Error::InvalidArgument(kOutIn ? "skinny_matmul: x [M, K] and w [N, K] expected"
+                                              : "skinny_matmul: x [M, K] and w [K, N] expected");
   if (x.element_type() != w.element_type())
     return ffi::Error::InvalidArgument("skinny_matmul: x and w must share a dtype");
-  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  const int64_t m = xd[0], k = xd[1], n = wd[kOutIn ? 0 : 1];
   if (m == 0 || n == 0) return ffi::Error::Success();
   float* out = y->typed_data();
   if (k == 0) {
@@ -222,8 +428,9 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   }
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      run<float>(pool, reinterpret_cast<const float*>(x.untyped_data()),
-                 reinterpret_cast<const float*>(w.untyped_data()), out, m, k, n);
+      (kOutIn ? run_oi<float> : run<float>)(
+          pool, reinterpret_cast<const float*>(x.untyped_data()),
+          reinterpret_cast<const float*>(w.untyped_data()), out, m, k, n);
       return ffi::Error::Success();
     case ffi::DataType::BF16: {
       // x is small (M x K): widen it once; the weights are widened in registers.
@@ -233,8 +440,8 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
         const uint32_t bits = uint32_t(xb[i]) << 16;
         std::memcpy(&xf[i], &bits, 4);
       }
-      run<uint16_t>(pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out,
-                    m, k, n);
+      (kOutIn ? run_oi<uint16_t> : run<uint16_t>)(
+          pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out, m, k, n);
       return ffi::Error::Success();
     }
     default:
@@ -244,7 +451,15 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmul, skinny_matmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmul, skinny_matmul<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The same product with w stored [N, K] ([out, in]): see run_oi.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmulOutIn, skinny_matmul<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

@@ -10,18 +10,22 @@ from jaxserve.native import matmul_build
 supported = matmul_build.supported
 
 
-def skinny_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """f32[..., N] = x[..., K] @ w[K, N] (w stored [in, out]); float32 or bfloat16 operands of
-    one dtype, float32 accumulation and result. CPU with AVX-512 only (`supported()`); builds
-    the kernel on first use (see matmul_build.py). Each output sums over K in order, so a row's
-    result does not depend on the other rows."""
+def skinny_matmul(x: jax.Array, w: jax.Array, out_in: bool = False) -> jax.Array:
+    """f32[..., N] = x[..., K] @ w[K, N] (w stored [in, out]), or with `out_in` x @ w.T for w
+    stored [N, K] ([out, in], Hugging Face's layout; the layout this kernel streams float32
+    weights best in; bfloat16 ones are slower there than [in, out]); float32 or bfloat16 operands of one dtype, float32 accumulation and result. CPU with
+    AVX-512 only (`supported()`); builds the kernel on first use (see matmul_build.py). Each
+    output sums over K in order, the same FMA chain whichever layout w has, so a row's result
+    does not depend on the other rows (nor on the layout)."""
     matmul_build.load()
     if x.dtype != w.dtype:
         raise ValueError(f"{x.dtype=} and {w.dtype=} must match")
     lead, k = x.shape[:-1], x.shape[-1]
-    if w.ndim != 2 or w.shape[0] != k:
-        raise ValueError(f"{x.shape=} and {w.shape=}: want x [..., K] and w [K, N]")
+    if w.ndim != 2 or w.shape[1 if out_in else 0] != k:
+        want = "[N, K]" if out_in else "[K, N]"
+        raise ValueError(f"{x.shape=} and {w.shape=}: want x [..., K] and w {want}")
+    n = w.shape[0 if out_in else 1]
     x2 = x.reshape(-1, k)
-    call = jax.ffi.ffi_call("jaxserve_skinny_matmul",
-                            jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), jax.numpy.float32))
-    return call(x2, w).reshape(*lead, w.shape[1])
+    call = jax.ffi.ffi_call("jaxserve_skinny_matmul_out_in" if out_in else "jaxserve_skinny_matmul",
+                            jax.ShapeDtypeStruct((x2.shape[0], n), jax.numpy.float32))
+    return call(x2, w).reshape(*lead, n)
