@@ -78,6 +78,9 @@ def vllm_table(out: dict) -> str:
              *(_f(peer["ratios"][r["mode"]]["wall_s"], 3) for r in runs)],
             ["Pairs/s", *(_f(r["pairs_per_s"], 1) for r in runs), _f(v["pairs_per_s"], 1),
              *(_f(r["pairs_per_s"] / v["pairs_per_s"], 3) for r in runs)],
+            ["Load average (1 min, after)",
+             *(_f((r.get("load_average") or [None, None])[1]) for r in runs),
+             _f((v.get("load_average") or [None, None])[1]), *("" for _ in runs)],
             ["Scores vs vLLM"]]
     for label, key, digits in (("max |loglik diff|", "max_abs_loglik_diff", -3),
                                ("max |token logprob diff|", "max_abs_token_logprob_diff", -3),

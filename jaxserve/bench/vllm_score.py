@@ -40,8 +40,11 @@ def run(vllm: dict, model_path: str, engine_cfg: dict, pairs: list[ScorePair],
     """Runs the worker; the report's "peer" (or {"name", "skipped": why} if it failed)."""
     log(f"peer: vLLM {vllm['version']} scoring the same pairs in its own process (start-up "
         "takes about a minute) ...")
+    from jaxserve.bench.score_bench import _load_average
+
     try:
         result = vllm_peer.run_worker(vllm["python"], job(model_path, engine_cfg, pairs, warm))
+        result["load_average_after"] = _load_average()  # its timed run ends the worker
     except RuntimeError as e:  # keep jaxserve's runs; say why vLLM has none
         log(f"peer failed: {e}")
         return {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
@@ -76,7 +79,7 @@ def report(vllm: dict, result: dict, pairs: list[ScorePair], runs: list[dict]) -
             "cached_tokens": sum(cached),
             "requests_with_cached_tokens": sum(c > 0 for c in cached)},
         "run": {"wall_s": wall, "pairs_per_s": len(pairs) / wall if wall else float("nan"),
-                "scores": scores},
+                "load_average": [None, result.get("load_average_after")], "scores": scores},
         "ratios": {r["mode"]: {"wall_s": r["wall_s"] / wall if wall else float("nan")}
                    for r in runs},
         "scores_vs": {r["mode"]: compare_scores(r["scores"], scores, pairs) for r in runs}}
