@@ -99,14 +99,15 @@ class Runner:
 
     def _resolve_batch_invariant(self) -> bool:
         """`EngineConfig.batch_invariant`, decided before anything is converted or compiled:
-        None turns it on for float32 where the native kernels (matmul and attention) serve the
-        model; True requires them and raises with the reason where they cannot run here."""
+        False (default) keeps XLA's dot for prefill products; None turns it on for float32
+        where the native kernels (matmul and attention) serve the model; True requires them and
+        raises with the reason where they cannot run here."""
         cfg = self.cfg
         if cfg.batch_invariant is False:
             return False
         if cfg.batch_invariant is None and (
                 cfg.dtype != "float32" or cfg.mesh_shape or cfg.attention not in ("auto", "cpu")
-                or cfg.weight_layout not in ("auto", "fused_in_out_native")):
+                or cfg.weight_layout not in ("auto", "fused_native", "fused_in_out_native")):
             return False  # (True with these is refused by EngineConfig)
         from jaxserve.native import build as native_build
         from jaxserve.native import matmul_build

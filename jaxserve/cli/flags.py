@@ -56,8 +56,8 @@ def define_engine_flags() -> None:
                          "pipelined where no request can arrive meanwhile (offline runs).")
     flags.DEFINE_boolean("batch_invariant", _E.batch_invariant,
                          "Bit-identical results whatever shares the step: every matmul on the "
-                         "native row-invariant kernel (AVX-512 CPU). Default: on for float32 "
-                         "where the native kernels run, off elsewhere.")
+                         "native row-invariant kernel (AVX-512 CPU). Unset: on where it can "
+                         "run (float32, native kernels) in jaxserve-score, off elsewhere.")
 
 
 def define_sampling_flags() -> None:
