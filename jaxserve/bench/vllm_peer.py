@@ -156,6 +156,20 @@ def worker_env(environ: dict | None = None) -> dict:
     return env
 
 
+def run_or_skip(vllm: dict, job: dict, log) -> dict:
+    """The worker's result for `job`, or, when it failed, the report's "peer" entry saying why
+    ({"name", "vllm_version", "python", "skipped"}): jaxserve's runs are kept either way."""
+    try:
+        result = run_worker(vllm["python"], job)
+    except RuntimeError as e:
+        log(f"peer failed: {e}")
+        return {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
+                "skipped": str(e).splitlines()[0]}
+    log(f"peer: vLLM started in {result['startup_s']:.1f} s; its timed run took "
+        f"{result['wall_s']:.2f} s")
+    return result
+
+
 def run_worker(python: str, job: dict, timeout_s: float | None = None) -> dict:
     """Runs vllm_worker.py on `job`; returns its result. vLLM's log goes to a file in a temporary
     folder, which is removed on success and named in the error otherwise."""

@@ -42,15 +42,10 @@ def run(vllm: dict, model_path: str, engine_cfg: dict, pairs: list[ScorePair],
         "takes about a minute) ...")
     from jaxserve.bench.score_bench import _load_average
 
-    try:
-        result = vllm_peer.run_worker(vllm["python"], job(model_path, engine_cfg, pairs, warm))
-        result["load_average_after"] = _load_average()  # its timed run ends the worker
-    except RuntimeError as e:  # keep jaxserve's runs; say why vLLM has none
-        log(f"peer failed: {e}")
-        return {"name": "vllm", "vllm_version": vllm["version"], "python": vllm["python"],
-                "skipped": str(e).splitlines()[0]}
-    log(f"peer: vLLM started in {result['startup_s']:.1f} s; its timed run took "
-        f"{result['wall_s']:.2f} s")
+    result = vllm_peer.run_or_skip(vllm, job(model_path, engine_cfg, pairs, warm), log)
+    if "skipped" in result:
+        return result
+    result["load_average_after"] = _load_average()  # its timed run ends the worker
     return report(vllm, result, pairs, runs)
 
 
