@@ -207,6 +207,7 @@ def _summary(records: list[dict], todo: list[ScoreLine], wall: float, stats: dic
         ("Wall time (s)", f"{wall:.2f}"),
         ("Tokens/s", f"{tokens / wall if wall > 0 else 0.0:.1f}"),
         ("Steps", f"{stats['steps']}"),
+        ("Batch-invariant (bit-reproducible)", "yes" if stats["batch_invariant"] else "no"),
         ("Executables compiled", f"{stats['executables_compiled']}"),
         ("Compiles after warm-up", f"{stats['compiles_after_warmup']}"),
     ]
