@@ -210,6 +210,8 @@ ATTENTION_BACKENDS = ("auto", "xla", "cpu", "pallas_tpu", "pallas_gpu")
 # auto: on a CPU that can build it fused_native (float32) or fused_in_out_native (bfloat16),
 # fused_in_out on another CPU, hf elsewhere.
 WEIGHT_LAYOUTS = ("auto", "hf", "fused", "fused_in_out", "fused_native", "fused_in_out_native")
+# The layouts batch_invariant can run with (the native kernel reads both weight orders).
+BATCH_INVARIANT_LAYOUTS = ("auto", "fused_native", "fused_in_out_native")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -298,7 +300,7 @@ class EngineConfig:
             # It runs every matmul and attention on the native CPU kernels (one device).
             clash = [f"{name}={getattr(self, name)!r} (use {want})" for name, ok, want in (
                 ("weight_layout",
-                 self.weight_layout in ("auto", "fused_native", "fused_in_out_native"),
+                 self.weight_layout in BATCH_INVARIANT_LAYOUTS,
                  "'auto', 'fused_native' or 'fused_in_out_native'"),
                 ("attention", self.attention in ("auto", "cpu"), "'auto' or 'cpu'"),
                 ("mesh_shape", not self.mesh_shape, "''")) if not ok]

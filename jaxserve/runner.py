@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.attention import AttentionShape, resolve_backend
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import BATCH_INVARIANT_LAYOUTS, EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_cache
 from jaxserve.models.functional import (abstract_params, resolve_layout, to_jnp_dtype,
                                         to_layout)
@@ -107,7 +107,7 @@ class Runner:
             return False
         if cfg.batch_invariant is None and (
                 cfg.dtype != "float32" or cfg.mesh_shape or cfg.attention not in ("auto", "cpu")
-                or cfg.weight_layout not in ("auto", "fused_native", "fused_in_out_native")):
+                or cfg.weight_layout not in BATCH_INVARIANT_LAYOUTS):
             return False  # (True with these is refused by EngineConfig)
         from jaxserve.native import build as native_build
         from jaxserve.native import matmul_build

@@ -283,11 +283,18 @@ class Scheduler:
             hashes.append(page_hash(hashes[-1] if hashes else None, tokens, seq.cache_salt))
         return hashes[:num_pages]
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached pages holding `seq`'s longest cached prefix, short of its last token."""
+    @staticmethod
+    def _cacheable_tokens(seq: Sequence) -> int:
+        """Most of `seq`'s tokens a prefix-cache hit may cover: all but the last, and no more
+        than `max_cached_tokens`."""
         limit = seq.num_tokens - 1
         if seq.max_cached_tokens is not None:
             limit = min(limit, seq.max_cached_tokens)
+        return limit
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached pages holding `seq`'s longest cached prefix, short of its last token."""
+        limit = self._cacheable_tokens(seq)
         if self.cache is None or limit < self.cfg.page_size:
             return []
         return self.cache.lookup(self._hashes(seq, limit // self.cfg.page_size))
@@ -307,10 +314,7 @@ class Scheduler:
         computed by a running sequence."""
         if not in_flight:
             return False
-        limit = seq.num_tokens - 1
-        if seq.max_cached_tokens is not None:
-            limit = min(limit, seq.max_cached_tokens)
-        if (num_hit + 1) * self.cfg.page_size > limit:
+        if (num_hit + 1) * self.cfg.page_size > self._cacheable_tokens(seq):
             return False  # no further page could be a hit
         hashes = self._hashes(seq, num_hit + 1)
         return len(hashes) > num_hit and hashes[num_hit] in in_flight

@@ -127,6 +127,14 @@ def load_llm(program: str, fv):
         fail(program, EXIT_LOAD_FAILED, e)
 
 
+def engine_rows(stats: dict) -> list[tuple[str, str]]:
+    """The engine's rows of a CLI's summary table (both CLIs end with them)."""
+    return [("Steps", f"{stats['steps']}"),
+            ("Batch-invariant (bit-reproducible)", "yes" if stats["batch_invariant"] else "no"),
+            ("Executables compiled", f"{stats['executables_compiled']}"),
+            ("Compiles after warm-up", f"{stats['compiles_after_warmup']}")]
+
+
 def run_jobs(program: str, engine, jobs: list[LineJob], errors: dict[int, str], *,
              output: str | None, signals: Signals, num_done: int, desc: str,
              emit: Callable[[dict], None] | None = None) -> list[RequestOutput]:

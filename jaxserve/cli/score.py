@@ -206,10 +206,7 @@ def _summary(records: list[dict], todo: list[ScoreLine], wall: float, stats: dic
         ("Tokens (from the prefix cache)", f"{tokens} ({cached})"),
         ("Wall time (s)", f"{wall:.2f}"),
         ("Tokens/s", f"{tokens / wall if wall > 0 else 0.0:.1f}"),
-        ("Steps", f"{stats['steps']}"),
-        ("Batch-invariant (bit-reproducible)", "yes" if stats["batch_invariant"] else "no"),
-        ("Executables compiled", f"{stats['executables_compiled']}"),
-        ("Compiles after warm-up", f"{stats['compiles_after_warmup']}"),
+        *line_runner.engine_rows(stats),
     ]
     return format_table(rows, f" {PROGRAM} ")
 
