@@ -430,8 +430,11 @@ inline int64_t block_scratch_floats(int64_t rows, int64_t g, int64_t dh) {
 //   out = acc * (1 / l) (zeros where l is 0).
 // attend_block computes it with queries in SIMD lanes. Here the row's scores are computed with
 // keys in the lanes: each 16-key group's keys are transposed (16 x 16 shuffles) so that one FMA
-// per dimension advances 16 keys' chains, with each query element broadcast; P.V runs over
-// dimensions in lanes (each output element's chain over keys, as in attend_block).
+// per dimension advances 16 keys' chains, with each query element broadcast; the softmax runs
+// with heads in lanes (one transpose of the block's scores: a head's max, exp and sum are then
+// tile_step's lane expressions, all heads at once instead of one scalar chain per head, which
+// was ~1/6 of a decode step's attention); P.V runs over dimensions in lanes (each output
+// element's chain over keys, as in attend_block).
 
 // Sixteen keys' 16 floats (rows[i] = key i) transposed in place: r[x][i] = key i's element x.
 // Four stages, each exchanging the off-diagonal blocks of size 8, 4, 2, 1.
@@ -480,9 +483,32 @@ inline float fma_like(float a, float b, float c) {
 #endif
 }
 
-inline void prefetch_row(const void* row, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
-}
+// The cache lines of `count` tokens' rows (token t at base + off[t], `bytes` long), prefetched a
+// few at a time from inside a compute loop. Issued in one burst (16 lines a token), prefetches
+// filled the core's line-fill buffers and stalled the loop behind them: in a cold decode step
+// about half the scores loop's time sat on one burst's prefetch instructions (perf).
+template <typename T>
+struct PacedPrefetch {
+  const char* base = nullptr;
+  const int64_t* off = nullptr;
+  int64_t count = 0, bytes = 0;
+  int64_t t = 0, b = 0;
+  int per_step = 0;  // lines per step(): enough to finish in `steps` calls
+
+  PacedPrefetch() = default;
+  PacedPrefetch(const T* base_, const int64_t* off_, int64_t count_, int64_t bytes_,
+                int64_t steps)
+      : base(reinterpret_cast<const char*>(base_)), off(off_), count(count_), bytes(bytes_) {
+    const int64_t lines = count * ((bytes + 63) / 64);
+    per_step = static_cast<int>(steps > 0 ? (lines + steps - 1) / steps : lines);
+  }
+  inline void step() {
+    for (int i = 0; i < per_step && t < count; ++i) {
+      __builtin_prefetch(base + off[t] * int64_t(sizeof(T)) + b);
+      if ((b += 64) >= bytes) b = 0, ++t;
+    }
+  }
+};
 
 // The fast path's constants: DH a multiple of 16; P.V keeps GV heads' DH / 16 accumulator
 // vectors in registers (GV a divisor of GB, GV * DH / 16 <= 16).
@@ -500,6 +526,11 @@ inline void item_scores_vec(const float* qf, const T* kc, const T* vc, const int
                             float* p, float* kt, int64_t t0) {
   constexpr int C = DH / 16;
   static const T zeros[DH] = {};
+  // This pass's values, paced over its FMA loops (nkv x head groups x DH steps). (Also
+  // prefetching the next pass's keys here measured no faster.)
+  const int64_t t_end = std::min<int64_t>(count, t0 + 16 * NG);
+  PacedPrefetch<T> pf(vc, off + t0, std::max<int64_t>(0, t_end - t0),
+                      token_stride * int64_t(sizeof(T)), nkv * (g_count / GB) * DH);
   for (int64_t kv = 0; kv < nkv; ++kv) {
     for (int grp = 0; grp < NG; ++grp) {
       for (int c = 0; c < C; ++c) {
@@ -512,11 +543,6 @@ inline void item_scores_vec(const float* qf, const T* kc, const T* vc, const int
         for (int x = 0; x < 16; ++x)
           std::memcpy(kt + ((grp * DH) + 16 * c + x) * 16, &r[x], sizeof(vf16));
       }
-      if (kv == 0)
-        for (int i = 0; i < 16; ++i) {
-          const int64_t t = t0 + grp * 16 + i;
-          if (t < count) prefetch_row(vc + off[t], token_stride * int64_t(sizeof(T)));
-        }
     }
     for (int64_t gb0 = 0; gb0 < g_count; gb0 += GB) {
       const int64_t h0 = kv * g_count + gb0;
@@ -524,6 +550,7 @@ inline void item_scores_vec(const float* qf, const T* kc, const T* vc, const int
       for (int g = 0; g < GB; ++g)
         for (int grp = 0; grp < NG; ++grp) acc[g][grp] = vf16{};
       for (int x = 0; x < DH; ++x) {
+        pf.step();
         vf16 kx[NG];
         for (int grp = 0; grp < NG; ++grp) kx[grp] = load16(kt + (grp * DH + x) * 16);
         for (int g = 0; g < GB; ++g) {
@@ -538,14 +565,18 @@ inline void item_scores_vec(const float* qf, const T* kc, const T* vc, const int
   }
 }
 
-// acc[h] = acc[h] * corr[h] + sum_t p[h][t] v_t over the block's `count` keys; prefetches the
-// next block's keys (next[t], next_count of them) meanwhile.
+// acc[h] = acc[h] * corr[h] + sum_t pt[t][h] v_t over the block's `count` keys (pt: the
+// weights with heads in lanes, row stride ldh); prefetches the next block's keys (next[t],
+// next_count of them) meanwhile.
 template <int GV, int DH, typename T>
-inline void item_values_vec(const float* p, const T* vc, const int64_t* off, int64_t count,
-                            int64_t nkv, int64_t g_count, const float* corr, float* acc,
-                            const T* kc, const int64_t* next, int64_t next_count,
+inline void item_values_vec(const float* pt, int64_t ldh, const T* vc, const int64_t* off,
+                            int64_t count, int64_t nkv, int64_t g_count, const float* corr,
+                            float* acc, const T* kc, const int64_t* next, int64_t next_count,
                             int64_t token_stride) {
   constexpr int C = DH / 16;
+  // The next block's keys, paced over this block's value loops (nkv x head groups x count).
+  PacedPrefetch<T> pf(kc, next, next_count, token_stride * int64_t(sizeof(T)),
+                      nkv * ((g_count + GV - 1) / GV) * count);
   for (int64_t kv = 0; kv < nkv; ++kv) {
     for (int64_t gb0 = 0; gb0 < g_count; gb0 += GV) {
       const int64_t h0 = kv * g_count + gb0;
@@ -554,13 +585,12 @@ inline void item_values_vec(const float* p, const T* vc, const int64_t* off, int
         for (int c = 0; c < C; ++c)
           a[g][c] = opaque16(load16(acc + (h0 + g) * DH + 16 * c) * corr[h0 + g]);
       for (int64_t t = 0; t < count; ++t) {
-        if (kv == 0 && gb0 == 0 && t < next_count)
-          prefetch_row(kc + next[t], token_stride * int64_t(sizeof(T)));
+        pf.step();
         const T* vp = vc + off[t] + kv * DH;
         vf16 vv[C];
         for (int c = 0; c < C; ++c) vv[c] = load16(vp + 16 * c);
         for (int g = 0; g < GV; ++g) {
-          const float w = p[(h0 + g) * kKeyBlock + t];
+          const float w = pt[t * ldh + h0 + g];
           for (int c = 0; c < C; ++c) a[g][c] += w * vv[c];
         }
       }
@@ -569,6 +599,9 @@ inline void item_values_vec(const float* p, const T* vc, const int64_t* off, int
     }
   }
 }
+
+// attend_item's heads rounded up to whole 16-float vectors (its softmax has heads in lanes).
+inline int64_t item_heads_padded(const Dims& d) { return (d.heads + 15) / 16 * 16; }
 
 // The cache offsets (kv head 0) of keys [start, start + want) of `slot`, page by page; returns
 // how many there are (fewer at a page index outside the cache: nothing is read past it).
@@ -598,15 +631,18 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
   const int64_t nh = d.heads, nkv = d.kv_heads;
   int64_t* off = reinterpret_cast<int64_t*>(scratch);  // [KB] this block's keys' offsets
   int64_t* next = off + KB;                               // [KB] the next block's
+  const int64_t ldh = item_heads_padded(d);  // heads rounded up to whole 16-lane vectors
   float* qf = scratch + 4 * KB;   // [nh, Dh]
   float* acc = qf + nh * dh;      // [nh, Dh]
-  float* p = acc + nh * dh;       // [nh, KB] this block's scores, then weights
-  float* kt = p + nh * KB;        // [2][Dh][16] two key groups transposed (the fast path)
-  float* m = kt + 32 * dh;        // [nh] running max
-  float* l = m + nh;              // [nh] running sum
-  float* corr = l + nh;           // [nh] this block's correction
+  float* p = acc + nh * dh;       // [nh, KB] this block's scores
+  float* pt = p + nh * KB;        // [KB, ldh] the same transposed (heads in lanes), then weights
+  float* kt = pt + KB * ldh;      // [2][Dh][16] two key groups transposed (the fast path)
+  float* m = kt + 32 * dh;        // [ldh] running max
+  float* l = m + ldh;             // [ldh] running sum
+  float* corr = l + ldh;          // [ldh] this block's correction
   const T* row_q = q + row * nh * dh;
   start_queries<T>(nh, dh, scale, [&](int64_t h) { return row_q + h * dh; }, qf, acc, m, l);
+  for (int64_t h = nh; h < ldh; ++h) m[h] = -std::numeric_limits<float>::infinity(), l[h] = 0.f;
   const int64_t token_stride = nkv * dh;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   int64_t count = key_offsets(d, page_table, layer, slot, 0, std::min<int64_t>(KB, len), off);
@@ -632,19 +668,31 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
         }
       }
     }
-    // The online softmax, lane by lane as tile_step does it (the same vector expressions).
-    for (int64_t h = 0; h < nh; ++h) {
-      float* ph = p + h * KB;
-      float block_max = neg_inf;
-      for (int64_t t = 0; t < count; ++t) block_max = block_max > ph[t] ? block_max : ph[t];
-      const VecF old_max = vsplat(m[h]);
-      const VecF new_max = vmax(old_max, vsplat(block_max));
-      corr[h] = m[h] == neg_inf ? 0.f : vexp(old_max - new_max)[0];
-      for (int64_t t = 0; t < count; t += kLanes) vstore(ph + t, vexp(vload(ph + t) - new_max));
-      float sum = 0.f;
-      for (int64_t t = 0; t < count; ++t) sum += ph[t];
-      l[h] = (vsplat(l[h]) * vsplat(corr[h]) + vsplat(sum))[0];
-      m[h] = new_max[0];
+    // The online softmax with heads in lanes: the scores transposed to pt[t][h] (16 keys x 16
+    // heads at a time; heads past nh are zeros), then tile_step's vector expressions, each
+    // lane one head's (its max over the keys in order, its sum added key by key from 0).
+    for (int64_t h0 = 0; h0 < ldh; h0 += 16)
+      for (int64_t t0 = 0; t0 < count; t0 += 16) {
+        vf16 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = h0 + i < nh ? load16(p + (h0 + i) * KB + t0) : vf16{};
+        transpose16(r);
+        for (int i = 0; i < 16; ++i) std::memcpy(pt + (t0 + i) * ldh + h0, &r[i], sizeof(vf16));
+      }
+    for (int64_t j = 0; j < ldh; j += kLanes) {
+      VecF block_max = vsplat(neg_inf);
+      for (int64_t t = 0; t < count; ++t) block_max = vmax(block_max, vload(pt + t * ldh + j));
+      const VecF old_max = vload(m + j);
+      const VecF new_max = vmax(old_max, block_max);
+      const VecF c = old_max == vsplat(neg_inf) ? VecF{} : vexp(old_max - new_max);
+      VecF sum = VecF{};
+      for (int64_t t = 0; t < count; ++t) {
+        const VecF w = vexp(vload(pt + t * ldh + j) - new_max);
+        vstore(pt + t * ldh + j, w);
+        sum += w;
+      }
+      vstore(l + j, vload(l + j) * c + sum);
+      vstore(m + j, new_max);
+      vstore(corr + j, c);
     }
     // The next block's keys: prefetched while this block's values are read.
     const int64_t next_count =
@@ -653,8 +701,8 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
                           std::min<int64_t>(KB, len - start - KB), next)
             : 0;
     if constexpr (kVecItem<DH>) {
-      item_values_vec<kValueHeads<GB, DH>, DH>(p, vc, off, count, nkv, g_count, corr, acc, kc,
-                                               next, next_count, token_stride);
+      item_values_vec<kValueHeads<GB, DH>, DH>(pt, ldh, vc, off, count, nkv, g_count, corr,
+                                               acc, kc, next, next_count, token_stride);
     } else {
       for (int64_t h = 0; h < nh; ++h) {
         float* ah = acc + h * dh;
@@ -663,7 +711,7 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
       for (int64_t t = 0; t < count; ++t) {
         for (int64_t h = 0; h < nh; ++h) {
           const T* vp = vc + off[t] + (h / g_count) * dh;
-          const float w = p[h * KB + t];
+          const float w = pt[t * ldh + h];
           float* ah = acc + h * dh;
 #pragma omp simd
           for (int64_t x = 0; x < dh; ++x) ah[x] = fma_like(w, load(vp + x), ah[x]);
@@ -680,7 +728,9 @@ void attend_item(const T* q, const T* kc, const T* vc, const int32_t* page_table
 
 // Scratch floats attend_item needs (from a vector-aligned start: the offsets come first).
 inline int64_t item_scratch_floats(const Dims& d) {
-  return 4 * kKeyBlock + d.heads * (2 * d.head_dim + kKeyBlock + 3) + 32 * d.head_dim;
+  const int64_t ldh = item_heads_padded(d);
+  return 4 * kKeyBlock + d.heads * (2 * d.head_dim + kKeyBlock) + ldh * (kKeyBlock + 3) +
+         32 * d.head_dim;
 }
 
 // Runs fn(i) for every i in [0, total), in parallel where it can; returns when all are done.
