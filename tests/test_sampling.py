@@ -49,3 +49,19 @@ def test_filters_restrict_the_support():
     assert seen_p == {int(order[0])}
     greedy = sample(logits, _inputs(1, temperature=0.0), 1).tokens[0]
     assert int(greedy) == int(order[0])
+
+
+def test_greedy_tokens_is_argmax_with_ties_nan_and_inf():
+    from jaxserve.sampling import greedy_tokens
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 257)).astype(np.float32)
+    x[1, [5, 200]] = 9.0             # a tie: the first
+    x[2, 7] = np.nan                 # a NaN wins, wherever the maximum is
+    x[3, [30, 4]] = np.nan           # the first NaN
+    x[4, :] = -np.inf                # nothing finite: index 0
+    x[5, 100] = np.inf
+    x[6, :] = 1.0                    # all equal
+    x[7, -1] = 50.0                  # the last index
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    np.testing.assert_array_equal(got[:8], [got[0], 5, 7, 4, 0, 100, 0, 256])
