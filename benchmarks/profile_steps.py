@@ -56,7 +56,8 @@ def main() -> None:
     llm = LLM.from_params(cfg, init_params(cfg, seed=0), chunk_size=512,
                           # one executable of each kind, so ops map to one program each
                           chunk_buckets=1, decode_buckets=1,
-                          max_decode_slots=16, page_size=16, max_model_len=512,
+                          max_decode_slots=16, page_size=16,
+                          max_model_len=max(512, -(-(args.input_len + args.output_len) // 16) * 16),
                           attention=args.attention)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, size=args.input_len).tolist()

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # jaxserve and vLLM's CPU backend side by side on the workloads, one after another.
 #
-#   bash benchmarks/vs_vllm.sh [BENCH_MODEL_DIR] [OUT_DIR]
+#   bash benchmarks/vs_vllm.sh [BENCH_MODEL_DIR] [OUT_DIR] [WORKLOADS]
+#
+# WORKLOADS: a space-separated subset of "offline prefill alone interference online score"
+# (default: all; the score run alone takes about half the time).
 #
 # Needs vLLM in its own virtualenv (see BENCHMARKS.md, "Setup"); every run writes its JSON to
 # OUT_DIR (default benchmarks/results/vllm) and its printed tables next to it (.txt). Budget 512
@@ -12,6 +15,7 @@
 set -euo pipefail
 model=${1:-bench_model}
 out=${2:-benchmarks/results/vllm}
+only=" ${3:-offline prefill alone interference online score} "
 mkdir -p "$out"
 [ -d "$model" ] || jaxserve-make-bench-model --out="$model"
 engine=(--model="$model" --chunk_size=512 --max_decode_slots=16 --peer=vllm --progress=false)
@@ -19,6 +23,7 @@ common=("${engine[@]}" --enable_prefix_caching=false)
 
 run() {  # name, then every flag but --json_out
   local name=$1; shift
+  [[ $only == *" $name "* ]] || return 0
   echo "== $name: jaxserve-bench $*" | tee "$out/$name.txt"
   jaxserve-bench "$@" --json_out="$out/$name.json" | tee -a "$out/$name.txt"
 }
