@@ -1,5 +1,6 @@
-"""The prefill GEMMs through XLA:CPU (what jaxserve's mixed steps run) and through PyTorch (what
-vLLM's CPU backend runs), on the same machine, interleaved.
+"""The prefill GEMMs through XLA:CPU (what jaxserve's mixed steps run), through jaxserve's native
+kernel (its tall path: every product with `batch_invariant`) and through PyTorch (what vLLM's CPU
+backend runs), on the same machine, interleaved.
 
   python benchmarks/gemm_libraries.py [--torch_python=/path/to/venv/bin/python] [--rounds=5]
       [--json_out=benchmarks/results/gemm_libraries.json]
@@ -29,9 +30,13 @@ import json, sys, time
 import numpy as np
 lib, shapes, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 out = {}
-if lib == "xla":
+if lib in ("xla", "native"):
     import jax
-    mm = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ()))))
+    if lib == "xla":
+        mm = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ()))))
+    else:
+        from jaxserve.native.matmul import skinny_matmul
+        mm = jax.jit(lambda a, b: skinny_matmul(a, b, out_in=True))
     def make(m, k, n):
         a = jax.numpy.asarray(np.random.randn(m, k).astype(np.float32))
         b = jax.numpy.asarray(np.random.randn(n, k).astype(np.float32))
@@ -78,6 +83,9 @@ def main() -> None:
     from jaxserve.bench.machine import cpu_description, cpu_line
 
     libs = {"xla": sys.executable}
+    from jaxserve.native import matmul_build
+    if matmul_build.supported():
+        libs["native"] = sys.executable
     if args.torch_python:
         libs["torch"] = args.torch_python
     rounds = {lib: [] for lib in libs}
@@ -89,14 +97,15 @@ def main() -> None:
     table = {lib: {key: float(np.median([r[key] for r in rs])) for key in keys}
              for lib, rs in rounds.items()}
     print(f"CPU: {cpu_line()}")
+    ratios = [(a, "torch") for a in libs if a != "torch" and "torch" in libs]
+    if "native" in libs:
+        ratios.append(("native", "xla"))
     head = f"{'shape (M x K x N)':>18} " + " ".join(f"{lib + ' GFLOP/s':>14}" for lib in libs)
-    if "torch" in libs:
-        head += f" {'xla / torch':>12}"
+    head += "".join(f" {a + ' / ' + b:>15}" for a, b in ratios)
     print(head)
     for key in keys:
         line = f"{key:>18} " + " ".join(f"{table[lib][key]:>14.1f}" for lib in libs)
-        if "torch" in libs:
-            line += f" {table['xla'][key] / table['torch'][key]:>12.2f}"
+        line += "".join(f" {table[a][key] / table[b][key]:>15.2f}" for a, b in ratios)
         print(line)
     extra = {}
     if "torch" in libs:

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--input_len", type=int, default=256)
     ap.add_argument("--output_len", type=int, default=64)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--batch_invariant", action="store_true",
+                    help="every product on the native kernel (EngineConfig.batch_invariant)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()
@@ -58,7 +60,7 @@ def main() -> None:
                           chunk_buckets=1, decode_buckets=1,
                           max_decode_slots=16, page_size=16,
                           max_model_len=max(512, -(-(args.input_len + args.output_len) // 16) * 16),
-                          attention=args.attention)
+                          attention=args.attention, batch_invariant=args.batch_invariant)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, size=args.input_len).tolist()
                for _ in range(args.num_prompts)]

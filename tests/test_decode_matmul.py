@@ -49,7 +49,8 @@ def test_bfloat16_matches_jnp(m, k, n):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("m,k,n", [(65, 300, 520), (200, 600, 70), (97, 513, 33)])
 def test_tall_products_match_jnp(m, k, n, dtype):
-    # More than 64 rows take the packed-panel path (matmul.cc: strip_tall).
+    # More than 64 rows take the packed-panel path (matmul.cc: strip_tall; [out, in] weights:
+    # strip_tall_wide).
     x, w = _operands(m, k, n, dtype, seed=m)
     want = np.asarray(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
                               precision="highest"))
@@ -83,7 +84,8 @@ def _skinny_out_in(x, w_out_in):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("m,k,n", [(1, 5, 1), (3, 37, 33), (8, 100, 300), (16, 768, 1280),
                                    (17, 257, 520), (64, 96, 70), (100, 33, 47), (16, 64, 4100),
-                                   (200, 600, 70), (97, 513, 33)])  # > 64 rows: the tall path
+                                   (200, 600, 70), (97, 513, 33),  # > 64 rows: the tall path
+                                   (600, 300, 200), (271, 129, 130)])  # several row blocks
 def test_out_in_weights_give_the_same_bits(m, k, n, dtype):
     # w stored [N, K] (the fused_native layout) runs another loop nest, with the same FMA chain
     # per output: bit-identical to the [K, N] path, whatever the row count.
