@@ -264,13 +264,13 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Every matmul on one row-invariant kernel (the native one, CPU with AVX-512), so a
     # request's tokens and logprobs are the same to the bit alone or in a crowd, in a mixed or
-    # a decode-only step, prefix cached or computed (see WeightLayout.row_invariant). False
-    # (default): prefill products stay on XLA's dot, ~10% faster in mixed steps here. None: on
-    # where it can run, float32 on one AVX-512 CPU with the native kernels (what jaxserve-score
-    # and the lm-eval backend use); off elsewhere (bfloat16: XLA's AMX dot is 4-6x the kernel's
-    # speed at prefill sizes; GPU, TPU, a mesh: no such kernel). True: required (an error where
-    # it cannot run).
-    batch_invariant: bool | None = False
+    # a decode-only step, prefix cached or computed (see WeightLayout.row_invariant). None
+    # (default): on where it can run, float32 on one AVX-512 CPU with the native kernels, where
+    # it costs nothing (the native tall path is as fast as XLA's dot at prefill sizes:
+    # benchmarks/reproducibility.py); off elsewhere (bfloat16: XLA's AMX dot is 4-6x the
+    # kernel's speed at prefill sizes; GPU, TPU, a mesh: no such kernel). False: prefill
+    # products on XLA's dot. True: required (an error where it cannot run).
+    batch_invariant: bool | None = None
 
     def __post_init__(self):
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731

@@ -37,8 +37,6 @@ class JaxserveLM(LM):
         # and runs where JAX runs, so neither means anything here.
         del batch_size, device
         super().__init__()
-        # Scores that do not depend on what shares a step, wherever the native kernels run.
-        engine_options.setdefault("batch_invariant", None)
         self.llm = LLM(pretrained, checkpoint=checkpoint, **engine_options)
         self.max_gen_toks = int(max_gen_toks)
         self.use_tqdm = bool(use_tqdm)

@@ -99,7 +99,7 @@ class Runner:
 
     def _resolve_batch_invariant(self) -> bool:
         """`EngineConfig.batch_invariant`, decided before anything is converted or compiled:
-        False (default) keeps XLA's dot for prefill products; None turns it on for float32
+        False keeps XLA's dot for prefill products; None (default) turns it on for float32
         where the native kernels (matmul and attention) serve the model; True requires them and
         raises with the reason where they cannot run here."""
         cfg = self.cfg

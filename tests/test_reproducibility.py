@@ -44,9 +44,10 @@ def _assert_bit_equal(got, want):
 
 def test_option_resolves_and_refuses():
     assert not LLM.from_params(TINY, tiny_params(), chunk_size=32, max_decode_slots=4,
-                               decode_buckets=1, chunk_buckets=1).stats["batch_invariant"]
+                               decode_buckets=1, chunk_buckets=1,
+                               batch_invariant=False).stats["batch_invariant"]
     llm = LLM.from_params(TINY, tiny_params(), chunk_size=32, max_decode_slots=4,
-                          decode_buckets=1, chunk_buckets=1, batch_invariant=None)
+                          decode_buckets=1, chunk_buckets=1)  # the default: None
     assert llm.engine.runner.batch_invariant  # None: float32 on an AVX-512 CPU, on
     assert llm.stats["batch_invariant"] is True
     assert llm.engine.runner.layout.row_invariant

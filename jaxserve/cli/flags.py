@@ -57,7 +57,7 @@ def define_engine_flags() -> None:
     flags.DEFINE_boolean("batch_invariant", _E.batch_invariant,
                          "Bit-identical results whatever shares the step: every matmul on the "
                          "native row-invariant kernel (AVX-512 CPU). Unset: on where it can "
-                         "run (float32, native kernels) in jaxserve-score, off elsewhere.")
+                         "run (float32, native kernels: no slower there), off elsewhere.")
 
 
 def define_sampling_flags() -> None:

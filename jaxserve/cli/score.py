@@ -45,9 +45,6 @@ flags.DEFINE_string("output", None, "JSONL output file (default: print the recor
 flags.DEFINE_boolean("allow_nonfinite_weights", False,
                      "Load weights that hold NaN or Inf (debugging only; refused by default).")
 jflags.define_engine_flags()
-# Scores should not depend on what shares a step: bit-reproducible wherever the native kernels
-# run (None), unless a flag says otherwise.
-flags.FLAGS.set_default("batch_invariant", None)
 FLAGS = flags.FLAGS
 
 PROGRAM = "jaxserve-score"
