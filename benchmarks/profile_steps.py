@@ -2,7 +2,8 @@
 `jax.profiler` trace of the offline job (the figures behind the README's split).
 
   python benchmarks/profile_steps.py [--num_prompts=16 --input_len=256 --output_len=64]
-      [--attention=auto] [--top=12] [--json_out=out/profile_steps.json]
+      [--attention=auto] [--batch_invariant=default|on|off] [--top=12]
+      [--json_out=out/profile_steps.json]
 
 Runs the job once to warm up, then once under the profiler, and groups every traced op of each
 executable run by (op kind, output shape): e.g. the matmuls of the mixed step, the attention
@@ -41,8 +42,8 @@ def main() -> None:
     ap.add_argument("--input_len", type=int, default=256)
     ap.add_argument("--output_len", type=int, default=64)
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--batch_invariant", action="store_true",
-                    help="every product on the native kernel (EngineConfig.batch_invariant)")
+    ap.add_argument("--batch_invariant", choices=("default", "on", "off"), default="default",
+                    help="EngineConfig.batch_invariant: the engine's default (None), True, False")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()
@@ -60,7 +61,9 @@ def main() -> None:
                           chunk_buckets=1, decode_buckets=1,
                           max_decode_slots=16, page_size=16,
                           max_model_len=max(512, -(-(args.input_len + args.output_len) // 16) * 16),
-                          attention=args.attention, batch_invariant=args.batch_invariant)
+                          attention=args.attention,
+                          batch_invariant={"default": None, "on": True,
+                                           "off": False}[args.batch_invariant])
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, size=args.input_len).tolist()
                for _ in range(args.num_prompts)]

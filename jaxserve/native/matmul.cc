@@ -329,8 +329,12 @@ template <typename T>
 void strip_tall_wide(const float* x, const T* w, float* y, int64_t ldy, int64_t m, int64_t k,
                      int64_t width) {
   alignas(64) float panel[kWidePanelK * 64];
-  for (int64_t r0 = 0; r0 < m; r0 += kWideBlockM) {
-    const int64_t r1 = std::min(m, r0 + kWideBlockM);
+  // Blocks of equal size (whole row tiles), at most kWideBlockM: 272 rows as 264 + 8 filled
+  // every panel again for 8 rows (0.94x XLA's dot there; 2 x 138: 1.0x).
+  const int64_t blocks = (m + kWideBlockM - 1) / kWideBlockM;
+  const int64_t block_m = ((m + blocks - 1) / blocks + kWideTileM - 1) / kWideTileM * kWideTileM;
+  for (int64_t r0 = 0; r0 < m; r0 += block_m) {
+    const int64_t r1 = std::min(m, r0 + block_m);
     for (int64_t k0 = 0; k0 < k; k0 += kWidePanelK) {
       const int64_t kn = std::min(kWidePanelK, k - k0);
       for (int64_t c = 0; c < width; c += 64) {
