@@ -278,10 +278,11 @@ void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, 
 // The [out, in] tall path: 6 x 64 register tiles (24 accumulators; per k, 4 panel loads and 6
 // broadcasts feed 24 FMAs, against 2 loads and 12 broadcasts in strip_tall's 12 x 32) over
 // [kWidePanelK, 64] panels (32 KiB, in L1) transposed out of w, blocks of kWideBlockM rows, the
-// next panel prefetched into L2 meanwhile. On the bench model's layer products at 528 rows,
-// interleaved on the 2-core VM: 1.03-1.15x XLA's dot (YNNPACK; it was 0.93x with strip_tall's
-// 12 x 32 tiles), 0.88-0.97x PyTorch's (benchmarks/gemm_libraries.py). Same FMA chain per
-// y[m, n] (k = 0..K-1 from 0): the bits of the skinny path and of strip_tall.
+// next panel prefetched into L2 meanwhile. On the bench model's layer products at 528 rows on
+// the 2-core VM: 1.05-1.10x XLA's dot (YNNPACK) and 0.91-0.96x PyTorch's
+// (benchmarks/results/gemm_libraries.json); batch_invariant's mixed steps went from +9.7%
+// (12 x 32 tiles) to -1.6% against XLA's (benchmarks/results/reproducibility.json). Same FMA
+// chain per y[m, n] (k = 0..K-1 from 0): the bits of the skinny path and of strip_tall.
 constexpr int64_t kWidePanelK = 128;
 constexpr int kWideTileM = 6;
 constexpr int64_t kWideBlockM = 264;  // x slice 264 x 128 x 4 B = 132 KiB, in L2
