@@ -51,6 +51,18 @@ def register(path: Path, target: str) -> None:
                                 platform="cpu")
 
 
+def register_baseline(revision: str, target: str) -> None:
+    """Builds the attention kernel's sources at git `revision` (into the same cache) and
+    registers them under `target`, to time against the tree's."""
+    with tempfile.TemporaryDirectory() as src:
+        for name in build.ATTENTION.sources + build.ATTENTION.headers:
+            got = subprocess.run(["git", "show", f"{revision}:jaxserve/native/{name}"],
+                                 cwd=ROOT, capture_output=True, text=True)
+            if got.returncode == 0:  # a header newer than the baseline is not needed
+                Path(src, name).write_text(got.stdout)
+        register(build.library_path(Path(src)), target)
+
+
 def kernel_fn(target: str):
     def fn(q, k, v, row_slot, row_len, table):
         k, v, layer = stacked_cache(k, v, None)
@@ -114,13 +126,7 @@ def main() -> None:
     register(build.library_path(), "bench_kernel")
     variants["kernel"] = kernel_fn("bench_kernel")
     if args.baseline:
-        with tempfile.TemporaryDirectory() as src:
-            for name in build.ATTENTION.sources + build.ATTENTION.headers:
-                got = subprocess.run(["git", "show", f"{args.baseline}:jaxserve/native/{name}"],
-                                     cwd=ROOT, capture_output=True, text=True)
-                if got.returncode == 0:  # a header newer than the baseline is not needed
-                    Path(src, name).write_text(got.stdout)
-            register(build.library_path(Path(src)), "bench_baseline")
+        register_baseline(args.baseline, "bench_baseline")
         variants["baseline"] = kernel_fn("bench_baseline")
 
     cpu = cpu_description()

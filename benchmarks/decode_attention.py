@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from chunk_attention import register  # noqa: E402
+from chunk_attention import register, register_baseline  # noqa: E402
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
 from jaxserve.native import build  # noqa: E402
 
@@ -63,13 +61,7 @@ def main() -> None:
     targets = {"kernel": "decode_bench_kernel"}
     register(build.library_path(), targets["kernel"])
     if args.baseline:
-        with tempfile.TemporaryDirectory() as src:
-            for name in build.ATTENTION.sources + build.ATTENTION.headers:
-                got = subprocess.run(["git", "show", f"{args.baseline}:jaxserve/native/{name}"],
-                                     cwd=ROOT, capture_output=True, text=True)
-                if got.returncode == 0:
-                    Path(src, name).write_text(got.stdout)
-            register(build.library_path(Path(src)), "decode_bench_baseline")
+        register_baseline(args.baseline, "decode_bench_baseline")
         targets["baseline"] = "decode_bench_baseline"
 
     print(f"CPU: {cpu_line()}")

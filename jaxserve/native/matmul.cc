@@ -235,6 +235,25 @@ inline void prefetch_panel(const T* w, int64_t ldw, int64_t k0, int64_t c, int64
   }
 }
 
+// The panel after (k0, c) in a strip `width` columns wide, panels of pk weight rows x pw
+// columns: the next column tile in this k range, else the first of the next k range (kn 0 past
+// the end). Both tall paths prefetch it while the current panel's row tiles run.
+struct PanelPos {
+  int64_t k0, c, kn;
+};
+inline PanelPos next_panel(int64_t k0, int64_t c, int64_t k, int64_t width, int64_t pk,
+                           int64_t pw) {
+  const bool last_c = c + pw >= width;
+  const int64_t nk0 = last_c ? k0 + pk : k0;
+  return {nk0, last_c ? 0 : c + pw, nk0 < k ? std::min(pk, k - nk0) : 0};
+}
+
+// A prefetch of `lines` spread over the row tiles of `rows` rows: lines per tile, rounded up.
+inline int64_t lines_per_tile(int64_t lines, int64_t rows, int64_t tile_m) {
+  const int64_t tiles = std::max<int64_t>(1, rows / tile_m);
+  return (lines + tiles - 1) / tiles;
+}
+
 template <typename T>
 void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, int64_t m,
                 int64_t k, int64_t width) {
@@ -249,17 +268,14 @@ void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, 
         fill_panel<false, T>(panel, w, ldw, k, k0, kn, c, cols);
         // The next panel's weights, fetched into L2 a few lines per row tile (it would come
         // from memory while the FMAs wait, ~7% of a 528-row product).
-        const bool last_c = c + 32 >= width;
-        const int64_t nk0 = last_c ? k0 + kPanelK : k0, nc = last_c ? 0 : c + 32;
-        const int64_t nkn = nk0 < k ? std::min(kPanelK, k - nk0) : 0;
-        const int64_t lines = 2 * nkn;  // two lines per weight row (32 columns)
-        const int64_t tiles = std::max<int64_t>(1, (r1 - r0) / kTallTileM);
-        const int64_t per = (lines + tiles - 1) / tiles;
+        const PanelPos next = next_panel(k0, c, k, width, kPanelK, 32);
+        const int64_t lines = 2 * next.kn;  // two lines per weight row (32 columns)
+        const int64_t per = lines_per_tile(lines, r1 - r0, kTallTileM);
         int64_t pf = 0;
         int64_t i0 = r0;
         for (; i0 + kTallTileM <= r1; i0 += kTallTileM) {
           const int64_t e = std::min(lines, pf + per);
-          if (pf < e) prefetch_panel(w, ldw, nk0, nc, pf, e);
+          if (pf < e) prefetch_panel(w, ldw, next.k0, next.c, pf, e);
           pf = e;
           (cols < 32 ? tile<kTallTileM, true, float> : tile<kTallTileM, false, float>)(
               x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy, kn, m0, m1, k0 == 0,
@@ -345,19 +361,17 @@ void strip_tall_wide(const float* x, const T* w, float* y, int64_t ldy, int64_t 
         fill_panel<true, T, 64>(panel, w, 0, k, k0, kn, c, cols);
         // The next panel's weights (its rows' kn-long pieces), into L2 a few lines per row
         // tile, so that filling it does not wait on memory.
-        const bool last_c = c + 64 >= width;
-        const int64_t nk0 = last_c ? k0 + kWidePanelK : k0, nc = last_c ? 0 : c + 64;
-        const int64_t nkn = nk0 < k ? std::min(kWidePanelK, k - nk0) : 0;
-        const int64_t nrows = nkn ? std::min<int64_t>(64, width - nc) : 0;
+        const PanelPos next = next_panel(k0, c, k, width, kWidePanelK, 64);
+        const int64_t nrows = next.kn ? std::min<int64_t>(64, width - next.c) : 0;
         constexpr int64_t kLine = 64 / sizeof(T);
-        const int64_t per_row = (nkn + kLine - 1) / kLine, lines = nrows * per_row;
-        const int64_t per = (lines + (r1 - r0) / kWideTileM) / std::max<int64_t>(1, (r1 - r0) / kWideTileM);
+        const int64_t per_row = (next.kn + kLine - 1) / kLine, lines = nrows * per_row;
+        const int64_t per = lines_per_tile(lines, r1 - r0, kWideTileM);
         int64_t pf = 0;
         int64_t i0 = r0;
         for (; i0 + kWideTileM <= r1; i0 += kWideTileM) {
           for (const int64_t e = std::min(lines, pf + per); pf < e; ++pf)
-            _mm_prefetch(reinterpret_cast<const char*>(w + (nc + pf / per_row) * k + nk0 +
-                                                       (pf % per_row) * kLine),
+            _mm_prefetch(reinterpret_cast<const char*>(w + (next.c + pf / per_row) * k +
+                                                       next.k0 + (pf % per_row) * kLine),
                          _MM_HINT_T1);
           (cols < 64 ? tile_wide<kWideTileM, true> : tile_wide<kWideTileM, false>)(
               x + i0 * k + k0, k, panel, y + i0 * ldy + c, ldy, kn, mk, k0 == 0);
