@@ -313,7 +313,8 @@ inline void tile_wide(const float* x, int64_t ldx, const float* panel, float* y,
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v)
       acc[4 * i + v] = first ? _mm512_setzero_ps()
-                             : _mm512_maskz_loadu_ps(kMasked ? mk[v] : 0xFFFF, y + i * ldy + 16 * v);
+                             : _mm512_maskz_loadu_ps(kMasked ? mk[v] : 0xFFFF,
+                                                     y + i * ldy + 16 * v);
   for (int64_t k = 0; k < kn; ++k) {
     const __m512 w0 = _mm512_load_ps(panel + k * 64);
     const __m512 w1 = _mm512_load_ps(panel + k * 64 + 16);

@@ -13,10 +13,11 @@ supported = matmul_build.supported
 def skinny_matmul(x: jax.Array, w: jax.Array, out_in: bool = False) -> jax.Array:
     """f32[..., N] = x[..., K] @ w[K, N] (w stored [in, out]), or with `out_in` x @ w.T for w
     stored [N, K] ([out, in], Hugging Face's layout; the layout this kernel streams float32
-    weights best in; bfloat16 ones are slower there than [in, out]); float32 or bfloat16 operands of one dtype, float32 accumulation and result. CPU with
-    AVX-512 only (`supported()`); builds the kernel on first use (see matmul_build.py). Each
-    output sums over K in order, the same FMA chain whichever layout w has, so a row's result
-    does not depend on the other rows (nor on the layout)."""
+    weights best in; bfloat16 ones are slower there than [in, out]); float32 or bfloat16
+    operands of one dtype, float32 accumulation and result. CPU with AVX-512 only
+    (`supported()`); builds the kernel on first use (see matmul_build.py). Each output sums
+    over K in order, the same FMA chain whichever layout w has, so a row's result does not
+    depend on the other rows (nor on the layout)."""
     matmul_build.load()
     if x.dtype != w.dtype:
         raise ValueError(f"{x.dtype=} and {w.dtype=} must match")
