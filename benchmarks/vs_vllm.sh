@@ -32,14 +32,15 @@ run() {  # name, then every flag but --json_out
 run offline "${common[@]}" --workload=offline --num_prompts=16 --input_len=256 --output_len=64
 # Prefill only: the same prompts, one output token each.
 run prefill "${common[@]}" --workload=offline --num_prompts=16 --input_len=256 --output_len=1
-# One prompt alone: 512, 1,024, 1,536 and 2,000 tokens, 8 s apart, one output token each.
+# One prompt alone: 512, 1,024, 1,536 and 2,000 tokens, three of each (groups alone512, ...:
+# their mean TTFT), 3 s apart, one output token each.
 python - "$out/alone_trace.jsonl" <<'PY'
 import json, sys
 import numpy as np
 rng = np.random.default_rng(0)
 with open(sys.argv[1], "w") as f:
-    for i, n in enumerate((512, 1024, 1536, 2000)):
-        f.write(json.dumps({"id": f"alone{n}", "arrival_s": 8.0 * i, "max_tokens": 1,
+    for i, (rep, n) in enumerate((r, n) for r in range(3) for n in (512, 1024, 1536, 2000)):
+        f.write(json.dumps({"id": f"alone{n}-{rep}", "arrival_s": 3.0 * i, "max_tokens": 1,
                             "prompt_token_ids": rng.integers(0, 32000, n).tolist()}) + "\n")
 PY
 run alone "${common[@]}" --workload=trace --trace_file="$out/alone_trace.jsonl"

@@ -103,5 +103,6 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, global_chunk_seqs: 
         fill(sc + j, b + j, seq, seq.num_computed, 1, True)
 
     want_top = any(x.seq.payload.params.logprobs for x in sampled)
-    batch = dataclasses.replace(batch, want_top_logprobs=np.bool_(want_top))
+    batch = dataclasses.replace(batch, want_top_logprobs=np.bool_(want_top),
+                                any_samples=np.bool_(bool(sampled)))
     return batch, SlotPlan(sampled=sampled, chunk_rows=chunk_rows)

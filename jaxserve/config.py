@@ -220,7 +220,11 @@ class EngineConfig:
     """The static shape of every step and the cache, fixed at start-up.
 
     One step holds a chunk region of `chunk_size` prompt tokens (the step's prefill token budget,
-    Sarathi-Serve's "chunk size") plus `max_decode_slots` decode tokens. The chunk region is
+    Sarathi-Serve's "chunk size") plus `max_decode_slots` decode tokens; a step with fewer
+    decodes gives the chunks the decode rows it leaves idle (`chunk_rows_beside`: 528 chunk
+    rows with no decode, 520 beside up to 8, each one more executable), so a step never
+    computes more than chunk_size + max_decode_slots rows and a prompt prefilling alone leaves
+    none idle. The chunk region is
     packed: up to `max_chunk_seqs` sequences' prompt chunks share it back to back, each starting
     at a multiple of `chunk_align` rows, and one sequence may take all of it. `chunk_size=0`
     turns chunking off: the region is then `max_model_len` tokens and a prompt is prefilled whole
@@ -346,6 +350,26 @@ class EngineConfig:
         if self.chunk_size:
             return self.chunk_size
         return -(-self.max_model_len // self.chunk_align) * self.chunk_align
+
+    def chunk_rows_beside(self, num_decodes: int) -> int:
+        """Rows of the chunk region in a step holding `num_decodes` decodes: chunk_size plus the
+        decode rows the step leaves idle (its decode region is the smallest decode-only size
+        that holds them, or none), rounded down to chunk_align, so the step's rows stay within
+        chunk_size + max_decode_slots (vLLM shares its max_num_batched_tokens the same way).
+        chunk_tokens when chunking is off."""
+        if not self.chunk_size:
+            return self.chunk_tokens
+        held = min(d for d in (0,) + self.decode_bucket_sizes if d >= num_decodes)
+        return ((self.chunk_size + self.max_decode_slots - held)
+                // self.chunk_align * self.chunk_align)
+
+    @property
+    def wide_chunk_regions(self) -> tuple[tuple[int, int], ...]:
+        """(chunk rows, decode rows) of the mixed steps compiled for fewer decodes than
+        max_decode_slots, whose chunk region is larger than chunk_size (528 rows with none and
+        520 with 8 at the defaults)."""
+        return tuple((self.chunk_rows_beside(d), d) for d in (0,) + self.decode_bucket_sizes
+                     if self.chunk_rows_beside(d) > self.chunk_tokens)
 
     @property
     def chunk_bucket_sizes(self) -> tuple[int, ...]:

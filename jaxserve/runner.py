@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve.attention import AttentionShape, resolve_backend
 from jaxserve.config import BATCH_INVARIANT_LAYOUTS, EngineConfig, ModelConfig
@@ -132,7 +133,7 @@ class Runner:
             compile_steps, self.model_cfg, self.layout, self.params, self.cache, self._rope,
             self.mixed_shape, interpret=self.cfg.pallas_interpret, num_top=self.num_top,
             chunk_sizes=self.cfg.chunk_bucket_sizes, decode_sizes=self.cfg.decode_bucket_sizes,
-            placement=self.placement)
+            wide_chunks=self.cfg.wide_chunk_regions, placement=self.placement)
         if self.cfg.attention == "auto" and self.backend != "xla":
             # Decided before compiling, from what is known: a kernel that cannot serve this
             # model here is replaced by the reference, and the log says why. A kernel that
@@ -173,10 +174,12 @@ class Runner:
         return None
 
     def _warm_up(self) -> None:
-        """Runs each executable once on an empty batch (it writes only the trash page), so
-        first-use work in the runtime happens at start-up, not in the first served step."""
+        """Runs each executable once on an empty batch (it writes only the trash page; its
+        sampling branch taken), so first-use work in the runtime happens at start-up, not in
+        the first served step."""
         for exe, shape in self.executables.all():
-            jax.block_until_ready(self.run(exe, example_batch(shape)))
+            batch = dataclasses.replace(example_batch(shape), any_samples=np.bool_(True))
+            jax.block_until_ready(self.run(exe, batch))
 
     @property
     def executables_compiled(self) -> int:

@@ -4,7 +4,10 @@ Each step: (1) every running sequence with exactly one token whose K/V is not ye
 decode slot; (2) running sequences still prefilling continue into the chunk region; (3) waiting
 sequences are admitted in arrival order while the chunk region's token budget, its sequence
 count, decode slots and pages last. The chunk region is packed: chunks sit back to back (each
-starting at a multiple of `chunk_align` rows) and one sequence may take all that is left. Pages are
+starting at a multiple of `chunk_align` rows) and one sequence may take all that is left; in a
+step with fewer decodes than decode slots the region also takes the idle decode rows
+(`EngineConfig.chunk_rows_beside`), and a decode admitted after chunks took its row waits for the
+next step. Pages are
 taken lazily, as a sequence grows; when none is left the newest running sequence is preempted
 (its pages freed, its prompt and outputs so far recomputed later), so nothing is lost.
 
@@ -190,6 +193,9 @@ class Scheduler:
             remaining = seq.num_tokens - computed
             is_decode = remaining == 1
             length = 1 if is_decode else self._chunk_length(remaining, out)
+            if is_decode and (self._chunk_rows_used(out)
+                              > self.cfg.chunk_rows_beside(len(out.decodes) + 1)):
+                length = 0  # the chunks took the decode row it needs: next step
             if length == 0:
                 return  # no room in the chunk region this step
             needed = self._pages_for(computed + length) - len(hit)
@@ -215,6 +221,13 @@ class Scheduler:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _chunk_rows_used(self, out: SchedulerOutput) -> int:
+        """Rows the chunks scheduled so far take, alignment gaps included."""
+        if not out.chunks:
+            return 0
+        lengths = [c.length for c in out.chunks]
+        return chunk_starts(lengths, self.cfg.chunk_align)[-1] + lengths[-1]
+
     def _chunk_room(self, out: SchedulerOutput) -> int:
         """Rows a further chunk could take this step (0 when the region or its sequence count
         is used up)."""
@@ -222,7 +235,8 @@ class Scheduler:
             return 0
         lengths = [c.length for c in out.chunks]
         starts = chunk_starts(lengths + [0], self.cfg.chunk_align)
-        return max(0, self.cfg.chunk_tokens - starts[-1])
+        # Decode rows the step leaves idle are the chunks' too.
+        return max(0, self.cfg.chunk_rows_beside(len(out.decodes)) - starts[-1])
 
     def _chunk_length(self, remaining: int, out: SchedulerOutput) -> int:
         """Tokens of a sequence with `remaining` to compute in this step's chunk region; 0 =

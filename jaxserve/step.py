@@ -51,6 +51,9 @@ class StepBatch:
     # i32[B]; the next prompt token after each chunk row where its logprob is asked, else -1
     prompt_targets: jax.Array
     want_top_logprobs: jax.Array  # bool[]; computes the per-sequence top-K logprobs only if set
+    # bool[]; some sequence samples. If not (a long prompt's chunks before its last), the
+    # vocabulary product is skipped: [S, hidden] x [hidden, vocab], ~2% of a 512-token step.
+    any_samples: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -121,8 +124,13 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
         return o, KVCache(k=kc, v=vc)
 
     hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache, rope)
-    out = sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
-                 batch.want_top_logprobs)
+
+    def sampled():
+        return sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
+                      batch.want_top_logprobs)
+
+    out = jax.lax.cond(batch.any_samples, sampled, lambda: jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(sampled)))
     sc, d = shape.max_chunk_seqs, shape.num_decode_slots
     next_tokens = (jnp.zeros((num_global_slots,), jnp.int32)
                    .at[:sc].set(out.tokens[:sc])
@@ -150,13 +158,14 @@ def example_batch(shape: AttentionShape) -> StepBatch:
             temperature=np.zeros(s, np.float32), top_k=zi(s), top_p=np.ones(s, np.float32),
             min_p=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32), gen_index=zi(s)),
         prompt_targets=np.full(b, -1, np.int32),
-        want_top_logprobs=np.bool_(False))
+        want_top_logprobs=np.bool_(False), any_samples=np.bool_(False))
 
 
 @dataclasses.dataclass
 class StepExecutables:
-    """The ahead-of-time compiled steps, by shape: mixed steps by chunk-region size B, decode-only
-    steps by decode slots D (a shape with no chunk region serves as both)."""
+    """The ahead-of-time compiled steps, by shape: mixed steps by chunk-region size B (the
+    largest with fewer decode rows: `EngineConfig.wide_chunk_regions`), decode-only steps by
+    decode slots D (a shape with no chunk region serves as both)."""
 
     mixed: dict[int, tuple[jax.stages.Compiled, AttentionShape]]  # B -> (executable, shape)
     decode_only: dict[int, tuple[jax.stages.Compiled, AttentionShape]]  # D -> ...
@@ -166,7 +175,8 @@ class StepExecutables:
         """(executable, shape) of the smallest step that holds this work: `chunk_rows` rows of
         the chunk region used (mixed), or `num_decodes` decode rows (decode-only)."""
         table, need = (self.mixed, chunk_rows) if mixed else (self.decode_only, num_decodes)
-        size = min((k for k in table if k >= need), default=None)
+        size = min((k for k, (_, s) in table.items()
+                    if k >= need and s.num_decode_slots >= num_decodes), default=None)
         assert size is not None, (chunk_rows, num_decodes, mixed, sorted(table))
         return table[size]
 
@@ -181,10 +191,14 @@ class StepExecutables:
 def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: KVCache,
                   rope: jax.Array, shape: AttentionShape, *, backend: str, interpret: bool,
                   num_top: int, chunk_sizes: tuple[int, ...] = (),
-                  decode_sizes: tuple[int, ...] = (), placement=None) -> StepExecutables:
+                  decode_sizes: tuple[int, ...] = (),
+                  wide_chunks: tuple[tuple[int, int], ...] = (),
+                  placement=None) -> StepExecutables:
     """Compiles every step ahead of time (with a `sharding.Placement`, for its mesh): the mixed
-    step for each chunk-region size in `chunk_sizes` (default: `shape`'s) and the decode-only
-    step for each size in `decode_sizes` (default: `shape`'s)."""
+    step for each chunk-region size in `chunk_sizes` (default: `shape`'s) with `shape`'s decode
+    rows, one for each (chunk rows, decode rows) in `wide_chunks` (chunk regions larger than
+    those, beside fewer decode rows), and the decode-only step for each size in `decode_sizes`
+    (default: `shape`'s)."""
     num_global = shape.num_seqs
     prev = jax.ShapeDtypeStruct((num_global,), jnp.int32)
     built = {}
@@ -208,6 +222,9 @@ def compile_steps(model_cfg: ModelConfig, layout: WeightLayout, params, cache: K
 
     mixed = {b: build(dataclasses.replace(shape, chunk_tokens=b))
              for b in (chunk_sizes or (shape.chunk_tokens,))} if shape.chunk_tokens else {}
+    if mixed:
+        for b, d in wide_chunks:
+            mixed[b] = build(dataclasses.replace(shape, chunk_tokens=b, num_decode_slots=d))
     decode = {d: build(dataclasses.replace(shape.decode_only(), num_decode_slots=d))
               for d in (decode_sizes or (shape.num_decode_slots,))}
     return StepExecutables(mixed=mixed, decode_only=decode, count=len(built))

@@ -85,7 +85,7 @@ def check_run(run: dict, num_requests: int) -> None:
     assert 0 < run["useful_token_fraction"] <= 1
     eng = EngineConfig(**run["engine"])  # every bucket of both kinds, each compiled once
     assert run["executables_compiled"] == len(eng.chunk_bucket_sizes) + len(
-        eng.decode_bucket_sizes)
+        eng.decode_bucket_sizes) + len(eng.wide_chunk_regions)
     assert run["compiles_after_warmup"] == 0
     # Every output token came back from exactly one timed step; steps follow one another.
     steps = run["steps"]

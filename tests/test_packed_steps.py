@@ -72,9 +72,10 @@ def test_short_prompts_arriving_together_take_one_step():
 
 
 def test_a_long_prompt_takes_the_budget_then_shares_it():
-    # A 45-token prompt in a 16-token budget takes two whole steps, then its last 13 tokens
-    # share the third step with the next prompt's first 2 (aligned to 2 rows: rows 0-12 and
-    # 14-15); the fourth holds the rest of that prompt (7) and the first one's decode.
+    # A 45-token prompt in a 16-token budget with 3 decode rows (18 rows while no decode
+    # shares the step, aligned to 2) takes two whole steps of 18, then its last 9 tokens share
+    # the third with the next prompt's first 8 (rows 0-8 and 10-17); in the fourth both are
+    # decodes (the second's last prompt token is computed as one).
     llm = _llm(chunk_size=16, max_chunk_seqs=3, chunk_align=2, max_decode_slots=3, page_size=4,
                max_model_len=64)
     rng = np.random.default_rng(4)
@@ -86,7 +87,7 @@ def test_a_long_prompt_takes_the_budget_then_shares_it():
                                                        ignore_eos=True))
     log = list(llm.engine.step_log)[first:]
     assert [(r.num_chunks, r.scheduled_tokens) for r in log[:4]] == [
-        (1, 16), (1, 16), (2, 15), (1, 8)]
+        (1, 18), (1, 18), (2, 17), (0, 2)]
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 4)
     stats = llm.stats
@@ -103,7 +104,7 @@ def test_light_steps_run_in_the_smallest_compiled_shape():
                max_model_len=64)
     assert llm.engine.cfg.chunk_bucket_sizes == (4, 8, 12, 16)
     assert llm.engine.cfg.decode_bucket_sizes == (2, 3)
-    assert llm.stats["executables_compiled"] == 6
+    assert llm.stats["executables_compiled"] == 7  # + 18 chunk rows with no decode rows
     rng = np.random.default_rng(9)
     prompt = rng.integers(0, TINY.vocab_size, size=3).tolist()
     first = len(llm.engine.step_log)
@@ -112,14 +113,28 @@ def test_light_steps_run_in_the_smallest_compiled_shape():
     log = list(llm.engine.step_log)[first:]
     assert [(r.kind, r.rows) for r in log] == [("mixed", 4 + 3), ("decode", 2), ("decode", 2)]
     assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 3)
-    # Four prompts of 9 tokens: a 16-row region while two chunks share a step; every step in
+    # Four prompts of 9 tokens: two share the 18-row step with no decode rows; every step in
     # one of the compiled shapes.
     prompts = [rng.integers(0, TINY.vocab_size, size=9).tolist() for _ in range(4)]
     first = len(llm.engine.step_log)
     outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False, sampling_params=SamplingParams(
         max_tokens=2, temperature=0, ignore_eos=True))
     rows = {r.rows for r in list(llm.engine.step_log)[first:]}
-    assert 16 + 3 in rows and rows <= {2, 3, 4 + 3, 8 + 3, 12 + 3, 16 + 3}
+    assert 18 in rows and rows <= {2, 3, 4 + 3, 8 + 3, 12 + 3, 16 + 3, 18}
     for p, o in zip(prompts, outs):
         assert o.token_ids == dense_greedy(TINY, tiny_params(), p, 2)
+    # A 40-token prompt alone takes the decode rows too: 18 + 18 chunk rows in the step with
+    # no decode rows, then 4; its prompt logprobs and tokens as the dense reference's.
+    prompt = rng.integers(0, TINY.vocab_size, size=40).tolist()
+    first = len(llm.engine.step_log)
+    out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1))[0]
+    log = list(llm.engine.step_log)[first:]
+    assert [(r.kind, r.rows) for r in log] == [("mixed", 18), ("mixed", 18), ("mixed", 4 + 3),
+                                              ("decode", 2)]
+    assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 2)
+    ref = dense_logprobs(TINY, tiny_params(), prompt)
+    got = [out.prompt_logprobs[i][prompt[i]] for i in range(1, len(prompt))]
+    np.testing.assert_allclose(got, [ref[i - 1, prompt[i]] for i in range(1, len(prompt))],
+                               atol=1e-4)
     assert llm.stats["compiles_after_warmup"] == 0

@@ -100,7 +100,11 @@ def test_scheduler_invariants(w):
         lengths = [c.length for c in out.chunks]
         if lengths:
             starts = chunk_starts(lengths, cfg.chunk_align)
-            assert starts[-1] + lengths[-1] <= region
+            # The decode rows are the chunks' when no decode shares the step.
+            rows = starts[-1] + lengths[-1]
+            assert rows <= cfg.chunk_rows_beside(len(out.decodes))
+            # Never more rows than the step's budget, whatever shares it.
+            assert rows + len(out.decodes) <= region + cfg.max_decode_slots
             assert all(st_ % cfg.chunk_align == 0 for st_ in starts)
         if cfg.chunk_size == 0:  # unchunked: a prompt is computed whole or not at all
             assert all(c.samples for c in out.chunks)
@@ -161,7 +165,7 @@ def test_requests_sharing_a_prefix_wait_for_its_pages_instead_of_computing_them(
     shared = list(range(40))
     for i in range(3):
         s.add(Sequence(f"choice{i}", shared + [50 + i], arrival_index=i))
-    s.add(Sequence("other", [60] * 20, arrival_index=3))
+    s.add(Sequence("other", [60] * 40, arrival_index=3))
     first = s.schedule()
     assert [c.seq.request_id for c in first.chunks] == ["choice0", "other"]
     assert first.hit_tokens == 0
@@ -180,7 +184,37 @@ def test_requests_sharing_a_prefix_wait_for_its_pages_instead_of_computing_them(
     s = Scheduler(cfg_off)
     for i in range(3):
         s.add(Sequence(f"choice{i}", shared + [50 + i], arrival_index=i))
-    assert len(s.schedule().chunks) == 2  # 41 + 23 (the budget), in arrival order
+    # 41 + 24 (to row 72: 64 + the 8 decode rows, as no decode shares the step), in order.
+    assert [c.length for c in s.schedule().chunks] == [41, 24]
+
+
+def test_idle_decode_rows_go_to_the_chunks():
+    cfg = EngineConfig(chunk_size=64, max_chunk_seqs=4, chunk_align=8, max_decode_slots=16,
+                       page_size=8, max_model_len=256).resolve(_model(256))
+    assert [cfg.chunk_rows_beside(n) for n in (0, 1, 8, 9, 16)] == [80, 72, 72, 64, 64]
+    assert cfg.wide_chunk_regions == ((80, 0), (72, 8))
+    s = Scheduler(cfg)
+    s.add(Sequence("long", list(range(200)), arrival_index=0))
+    out = s.schedule()
+    assert [c.length for c in out.chunks] == [80] and not out.decodes  # alone: 64 + 16 rows
+    s.running[0].num_computed += 80
+    # A one-token prompt (a decode) arriving now: the long prompt keeps its 80 rows, so the
+    # decode waits a step rather than push the step past its budget.
+    s.add(Sequence("one", [7], arrival_index=1))
+    out = s.schedule()
+    assert [c.length for c in out.chunks] == [80] and not out.decodes
+    assert [q.request_id for q in s.waiting] == ["one"]
+    long = s.running[0]
+    long.num_computed += 80  # 40 left: they fit with the decode, which is admitted now
+    out = s.schedule()
+    assert [c.length for c in out.chunks] == [40]
+    assert [q.request_id for q in out.decodes] == ["one"]
+    for q in s.running:  # both computed, each with a token sampled: two decodes next
+        q.num_computed = q.num_tokens
+        q.output_ids.append(1)
+    s.add(Sequence("long2", list(range(300, 500)), arrival_index=2))
+    out = s.schedule()  # beside 2 decodes (a decode region of 8 rows): 64 + 8 chunk rows
+    assert len(out.decodes) == 2 and [c.length for c in out.chunks] == [72]
 
 
 def test_one_long_prompt_takes_the_whole_budget_and_shares_the_rest():
