@@ -802,3 +802,12 @@ def test_score_vllm_peer_with_a_fake_vllm(engines, fake_vllm):
     text = "\n".join(lines)
     assert "Peer: vLLM 0.0.fake" in text and "same choice per item" in text
     assert "skip_reading_prefix_cache=True" in text
+
+
+def test_machine_peaks_are_the_higher_of_two_probes():
+    from jaxserve.bench.roofline import best_machine
+    before = {"platform": "cpu", "matmul_gflops": 282.0, "mem_gbps": 39.0, "read_gbps": 24.2}
+    after = {"platform": "cpu", "matmul_gflops": 371.0, "mem_gbps": 38.0, "read_gbps": 31.0}
+    best = best_machine(before, after)
+    assert (best["matmul_gflops"], best["mem_gbps"], best["read_gbps"]) == (371.0, 39.0, 31.0)
+    assert best["platform"] == "cpu" and best["probes"][0]["read_gbps"] == 24.2

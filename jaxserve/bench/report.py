@@ -81,7 +81,7 @@ def groups_json(requests: list[dict], wall_s: float) -> dict:
     return out
 
 
-def run_json(mode: str, engine_cfg, result: RunResult, roofline: dict,
+def run_json(mode: str, engine_cfg, result: RunResult, roofline: dict | None,
              goodput: dict | None) -> dict:
     lat = latency_json(result.ordered_outputs(), result.wall_s, result.t0)
     requests = lat.pop("requests")

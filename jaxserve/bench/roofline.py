@@ -119,6 +119,19 @@ def measure_machine(dtype: str = "float32", *, matmul_n: int = 0, copy_bytes: in
     }
 
 
+def best_machine(first: dict, second: dict) -> dict:
+    """Two `measure_machine` results (before and after a run) as one: the higher of each rate.
+    A VM's rates drift within minutes (a 2-core one here read 24 GB/s in one probe and 31 in
+    the next), and a depressed probe would flatter every MFU and MBU against it."""
+    best = dict(first)
+    for key in ("matmul_gflops", "mem_gbps", "read_gbps"):
+        if key in first and key in second:
+            best[key] = max(first[key], second[key])
+    best["probes"] = [{k: d[k] for k in ("matmul_gflops", "mem_gbps", "read_gbps") if k in d}
+                      for d in (first, second)]
+    return best
+
+
 def model_costs(cfg: ModelConfig, dtype: str) -> dict:
     """Per-token FLOPs and per-step bytes of a model, from its parameter shapes."""
     total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(
