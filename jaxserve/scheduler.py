@@ -6,8 +6,8 @@ sequences are admitted in arrival order while the chunk region's token budget, i
 count, decode slots and pages last. The chunk region is packed: chunks sit back to back (each
 starting at a multiple of `chunk_align` rows) and one sequence may take all that is left; in a
 step with fewer decodes than decode slots the region also takes the idle decode rows
-(`EngineConfig.chunk_rows_beside`), and a decode admitted after chunks took its row waits for the
-next step. Pages are
+(`EngineConfig.chunk_rows_beside`), and gives them back, shortening its last chunk, when a
+decode is admitted after it. Pages are
 taken lazily, as a sequence grows; when none is left the newest running sequence is preempted
 (its pages freed, its prompt and outputs so far recomputed later), so nothing is lost.
 
@@ -193,8 +193,7 @@ class Scheduler:
             remaining = seq.num_tokens - computed
             is_decode = remaining == 1
             length = 1 if is_decode else self._chunk_length(remaining, out)
-            if is_decode and (self._chunk_rows_used(out)
-                              > self.cfg.chunk_rows_beside(len(out.decodes) + 1)):
+            if is_decode and not self._make_decode_room(out):
                 length = 0  # the chunks took the decode row it needs: next step
             if length == 0:
                 return  # no room in the chunk region this step
@@ -220,6 +219,20 @@ class Scheduler:
                 out.chunks.append(self._chunk(seq, length))
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _make_decode_room(self, out: SchedulerOutput) -> bool:
+        """Whether one more decode fits this step. Chunks may have taken the idle decode rows
+        it needs (`chunk_rows_beside`); the last chunk then gives them back (it computes those
+        tokens next step), so a one-token or fully cached prompt is never held back by a long
+        prefill that runs alone."""
+        over = self._chunk_rows_used(out) - self.cfg.chunk_rows_beside(len(out.decodes) + 1)
+        if over <= 0:
+            return True
+        last = out.chunks[-1]
+        if last.length <= over:
+            return False  # (not after the 16 spare rows of a long chunk: next step)
+        out.chunks[-1] = self._chunk(last.seq, last.length - over)
+        return True
 
     def _chunk_rows_used(self, out: SchedulerOutput) -> int:
         """Rows the chunks scheduled so far take, alignment gaps included."""

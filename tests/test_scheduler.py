@@ -198,14 +198,15 @@ def test_idle_decode_rows_go_to_the_chunks():
     out = s.schedule()
     assert [c.length for c in out.chunks] == [80] and not out.decodes  # alone: 64 + 16 rows
     s.running[0].num_computed += 80
-    # A one-token prompt (a decode) arriving now: the long prompt keeps its 80 rows, so the
-    # decode waits a step rather than push the step past its budget.
+    # A one-token prompt (a decode) arriving now: the long prompt gives back the rows the
+    # decode needs (a decode region of 8 rows: 72 chunk rows), so nobody waits for it.
     s.add(Sequence("one", [7], arrival_index=1))
     out = s.schedule()
-    assert [c.length for c in out.chunks] == [80] and not out.decodes
-    assert [q.request_id for q in s.waiting] == ["one"]
+    assert [c.length for c in out.chunks] == [72] and not out.chunks[0].samples
+    assert [q.request_id for q in out.decodes] == ["one"] and not s.waiting
     long = s.running[0]
-    long.num_computed += 80  # 40 left: they fit with the decode, which is admitted now
+    long.num_computed = 160  # 40 left: they fit beside the decode
+    s.running[1].num_computed, s.running[1].output_ids = 1, [5]
     out = s.schedule()
     assert [c.length for c in out.chunks] == [40]
     assert [q.request_id for q in out.decodes] == ["one"]
