@@ -230,7 +230,7 @@ class Scheduler:
             return True
         last = out.chunks[-1]
         if last.length <= over:
-            return False  # (not after the 16 spare rows of a long chunk: next step)
+            return False  # a last chunk this short cannot give enough back: next step
         out.chunks[-1] = self._chunk(last.seq, last.length - over)
         return True
 
