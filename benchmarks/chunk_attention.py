@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import inspect
-import json
 import math
 import subprocess
 import sys
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.bench.roofline import gemm_gflops  # noqa: E402
 from jaxserve.native import build  # noqa: E402
 from pallas_kernels.ragged import stacked_cache  # noqa: E402
@@ -209,9 +209,7 @@ def main() -> None:
         "threads": "XLA's intra-op pool (all cpus)", "results": rows,
         "notes": list(dict.fromkeys(notes))}
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json_out}")
+        write_json(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ inputs; outputs compared to the bit). "read" is XLA's jitted sum over the same n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from chunk_attention import register, register_baseline  # noqa: E402
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.native import build  # noqa: E402
 
 ROWS, HEADS, KV_HEADS, HEAD_DIM, PAGE, LAYERS = 16, 12, 4, 64, 16, 12
@@ -121,9 +121,7 @@ def main() -> None:
               "results": rows,
               "command": "python benchmarks/decode_attention.py " + " ".join(sys.argv[1:])}
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json_out}")
+        write_json(args.json_out, result)
 
 
 if __name__ == "__main__":

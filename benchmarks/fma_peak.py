@@ -12,7 +12,6 @@ both are worth knowing: the probe is what a library achieves, this is the arithm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.report import write_json  # noqa: E402
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -104,8 +104,7 @@ def main() -> None:
     out = {"cpu": cpu_description(), "vector_bits": lanes * 32, "gflops_by_threads": result,
            "command": "python benchmarks/fma_peak.py" + (
                f" --seconds={args.seconds}" if args.seconds != 1.0 else "")}
-    Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json_out}")
+    write_json(args.json_out, out)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from jaxserve.bench.machine import cpu_description, cpu_line
+    from jaxserve.bench.report import write_json
 
     libs = {"xla": sys.executable}
     from jaxserve.native import matmul_build
@@ -114,9 +115,7 @@ def main() -> None:
     result = {"cpu": cpu_description(), "shapes": keys, "rounds": args.rounds,
               "reps": args.reps, "gflops": table, **extra,
               "command": "python benchmarks/gemm_libraries.py " + " ".join(sys.argv[1:])}
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json_out}")
+    write_json(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.config import EngineConfig  # noqa: E402
 from jaxserve.engine import Engine  # noqa: E402
 from jaxserve.llm import load_params  # noqa: E402
@@ -86,8 +86,7 @@ def main() -> None:
     out = {"cpu": cpu_description(), "repeats": args.repeats,
            "executables": {k: llm.stats["executables_compiled"] for k, llm in engines.items()},
            "results": results, "command": "python benchmarks/idle_decode_rows.py"}
-    Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json_out}")
+    write_json(args.json_out, out)
 
 
 if __name__ == "__main__":

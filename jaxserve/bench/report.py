@@ -24,6 +24,7 @@ JSON shape (times in seconds after the run's start, latencies in ms):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 from jaxserve.bench.runner import RunResult
@@ -270,6 +271,15 @@ def peer_table(peer: dict, run: dict) -> str:
              _f(peer["request_throughput_req_s"])]]
     return format_columns(["", f"jaxserve {run['mode']}", "HF transformers"], rows,
                           " Peer: Hugging Face generate (static batches) ")
+
+
+def write_json(path: str, obj) -> None:
+    """Writes a benchmark's result to `path` (its folder made if need be), as the benchmark
+    scripts do, and says so."""
+    from pathlib import Path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def jsonable(x):
