@@ -88,10 +88,11 @@ def main() -> None:
     ordered = sorted(runs, key=lambda r: min(e["ts"] for e in runs[r]))
     kinds = {"mixed": ordered[:num_mixed], "decode": ordered[num_mixed:]}
     exes = llm.engine.runner.executables
-    (mixed_exe, _), = exes.mixed.values()
-    (decode_exe, _), = exes.decode_only.values()
-    shapes = {"mixed": _op_shapes(mixed_exe.as_text()),
-              "decode": _op_shapes(decode_exe.as_text())}
+    # Op names -> shapes from every executable of each kind (the mixed steps also have the
+    # wide-chunk executables; their ops share names, and a name's shape is the last one seen).
+    shapes = {kind: {name: shape for exe, _ in group.values()
+                     for name, shape in _op_shapes(exe.as_text()).items()}
+              for kind, group in (("mixed", exes.mixed), ("decode", exes.decode_only))}
     report = {}
     for kind, ids in kinds.items():
         per_op = collections.Counter()

@@ -55,6 +55,10 @@ class StepBatch:
     # vocabulary product [S, hidden] x [hidden, vocab] is skipped (7 of the ~270 ms of a
     # 512-token step of the bench model, in a profile).
     any_samples: jax.Array
+    # i32[4] (s0, e0, s1, e1): the rows in use, [s0, e0) of the chunk region and [s1, e1) of
+    # the decode region (both filled from their start). The native kernel's products compute
+    # only these (a 2,000-token prompt's last step fills 416 of 528 rows).
+    live_rows: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -124,7 +128,8 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
                          page_table=batch.page_table)
         return o, KVCache(k=kc, v=vc)
 
-    hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache, rope)
+    hidden, cache = model.hidden_states(token_ids, batch.positions, attend, cache, rope,
+                                        live_rows=batch.live_rows)
 
     def sampled():
         return sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
@@ -159,7 +164,8 @@ def example_batch(shape: AttentionShape) -> StepBatch:
             temperature=np.zeros(s, np.float32), top_k=zi(s), top_p=np.ones(s, np.float32),
             min_p=np.zeros(s, np.float32), seeds=np.zeros(s, np.uint32), gen_index=zi(s)),
         prompt_targets=np.full(b, -1, np.int32),
-        want_top_logprobs=np.bool_(False), any_samples=np.bool_(False))
+        want_top_logprobs=np.bool_(False), any_samples=np.bool_(False),
+        live_rows=np.array([0, t, t, t], np.int32))
 
 
 @dataclasses.dataclass

@@ -104,6 +104,40 @@ def test_out_in_rows_do_not_depend_on_each_other():
         np.testing.assert_array_equal(np.asarray(_skinny_out_in(x[rows], w_oi)), full[rows])
 
 
+@pytest.mark.parametrize("out_in", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m", [16, 70, 150])
+def test_live_rows_are_computed_and_the_rest_zero(m, dtype, out_in):
+    # live_rows (s0, e0, s1, e1): rows [s0, e0) and [s1, e1) come out as in the full product,
+    # to the bit (same FMA chain whichever tiles they fall in), every other row 0 — also where
+    # x holds NaN there (a step's padding rows are never read). Spans that split a register
+    # tile, empty spans, and no live row at all.
+    from jaxserve.native.matmul import skinny_matmul
+    k, n = 200, 300
+    x, w = _operands(m, k, n, dtype, seed=m)
+    if out_in:
+        w = jnp.asarray(np.ascontiguousarray(np.asarray(w).T))
+    f = jax.jit(lambda x, w, live: skinny_matmul(x, w, out_in=out_in, live_rows=live))
+    full = np.asarray(f(x, w, jnp.array([0, m, m, m])))
+    for live in ([0, m // 3, m // 2, m // 2 + 5], [0, 0, m - 7, m], [3, m - 1, m, m],
+                 [1, 13, 13, 14], [0, 0, 0, 0]):
+        mask = np.zeros(m, bool)
+        mask[live[0]:live[1]] = mask[live[2]:live[3]] = True
+        x_pad = jnp.where(jnp.asarray(mask)[:, None], x, jnp.nan)
+        got = np.asarray(f(x_pad, w, jnp.array(live)))
+        np.testing.assert_array_equal(got[mask], full[mask], err_msg=str(live))
+        assert (got[~mask] == 0).all(), live
+
+
+def test_live_rows_out_of_order_is_an_error():
+    from jaxserve.native.matmul import skinny_matmul
+    x, w = _operands(80, 40, 24, jnp.float32)
+    with pytest.raises(Exception, match="live_rows"):
+        jax.block_until_ready(skinny_matmul(x, w, live_rows=jnp.array([0, 50, 40, 80])))
+    with pytest.raises(Exception, match="live_rows"):
+        jax.block_until_ready(skinny_matmul(x, w, live_rows=jnp.array([0, 10, 20, 81])))
+
+
 def test_leading_dims_and_errors():
     from jaxserve.native.matmul import skinny_matmul
     x, w = _operands(6, 40, 24, jnp.float32)

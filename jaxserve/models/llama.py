@@ -70,20 +70,24 @@ HF_LAYOUT = WeightLayout()
 _ALL_ROWS = 2**62
 
 
-def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0) -> jax.Array:
+def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0,
+             live_rows: jax.Array | None = None) -> jax.Array:
     """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out]), f32 accumulation. Products
-    of at most `native_rows` rows run on the native skinny kernel (either layout)."""
+    of at most `native_rows` rows run on the native skinny kernel (either layout), which
+    computes only `live_rows` (`skinny_matmul`; the others come back 0); XLA's dot computes
+    every row."""
     if native_rows and math.prod(x.shape[:-1]) <= native_rows:
         from jaxserve.native.matmul import skinny_matmul  # the CPU-only path loads it
-        return skinny_matmul(x, w, out_in=not in_out)
+        return skinny_matmul(x, w, out_in=not in_out, live_rows=live_rows)
     contract = 0 if in_out else 1
     return jax.lax.dot_general(
         x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _dot(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0) -> jax.Array:
+def _dot(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0,
+         live_rows: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ w in x's dtype (see `_dot_f32`)."""
-    return _dot_f32(x, w, in_out, native_rows).astype(x.dtype)
+    return _dot_f32(x, w, in_out, native_rows, live_rows).astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -95,8 +99,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
         self.in_out, self.native_rows = in_out, native_rows
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = _dot(x, self.weight[...], self.in_out, self.native_rows)
+    def __call__(self, x: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
+        y = _dot(x, self.weight[...], self.in_out, self.native_rows, live_rows)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -184,14 +188,15 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def __call__(self, layer: int, x, rope, attend: AttendFn, cache):
+    def __call__(self, layer: int, x, rope, attend: AttendFn, cache, live_rows=None):
         t = x.shape[0]
         if self.fused:
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            qkv = self.qkv_proj(x)
+            qkv = self.qkv_proj(x, live_rows)
             q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (self.q_proj(x, live_rows), self.k_proj(x, live_rows),
+                       self.v_proj(x, live_rows))
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -199,7 +204,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         o, cache = attend(layer, q, k, v, cache)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), cache
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim), live_rows), cache
 
 
 class MLP(nnx.Module):
@@ -214,13 +219,13 @@ class MLP(nnx.Module):
         self.down_proj = lin(i, h)
         self.fused, self.intermediate = layout.fused, i
 
-    def __call__(self, x):
+    def __call__(self, x, live_rows=None):
         if self.fused:
-            gu = self.gate_up_proj(x)
+            gu = self.gate_up_proj(x, live_rows)
             gate, up = gu[:, : self.intermediate], gu[:, self.intermediate:]
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+            gate, up = self.gate_proj(x, live_rows), self.up_proj(x, live_rows)
+        return self.down_proj(jax.nn.silu(gate) * up, live_rows)
 
 
 class DecoderLayer(nnx.Module):
@@ -230,10 +235,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, layout=layout)
 
-    def __call__(self, layer: int, x, rope, attend: AttendFn, cache):
-        a, cache = self.self_attn(layer, self.input_layernorm(x), rope, attend, cache)
+    def __call__(self, layer: int, x, rope, attend: AttendFn, cache, live_rows=None):
+        a, cache = self.self_attn(layer, self.input_layernorm(x), rope, attend, cache, live_rows)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x), live_rows), cache
 
 
 class LlamaModel(nnx.Module):
@@ -263,17 +268,21 @@ class LlamaForCausalLM(nnx.Module):
                                   rngs=rngs, in_out=layout.in_out,
                                   native_rows=layout.rows_on_native)
 
-    def hidden_states(self, token_ids, positions, attend: AttendFn, cache, rope=None):
+    def hidden_states(self, token_ids, positions, attend: AttendFn, cache, rope=None,
+                      live_rows=None):
         """token_ids i32[T], positions i32[T] -> (final-normed hidden [T, hidden], cache).
         `rope`: a `rope_table` covering every position; without it the angles are computed
-        from `positions` (fine for the dense reference, slow inside a CPU step)."""
+        from `positions` (fine for the dense reference, slow inside a CPU step). `live_rows`
+        i32[4] (s0, e0, s1, e1): the rows the caller reads are [s0, e0) and [s1, e1); the
+        native kernel's products skip the others (their hidden states are then not the
+        tokens'; finite). None: every row."""
         x = self.model.embed_tokens.weight[...][token_ids]
         if rope is None:
             angles = rope_angles(self.config.rope, self.config.head_dim, positions, x.dtype)
         else:
             angles = rope[positions]  # [T, 2, Dh/2]
         for i, layer in enumerate(self.model.layers):
-            x, cache = layer(i, x, angles, attend, cache)
+            x, cache = layer(i, x, angles, attend, cache, live_rows)
         return self.model.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

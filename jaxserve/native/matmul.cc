@@ -20,6 +20,11 @@
 //
 // x [M, K] float32 or bfloat16, w [K, N] the same dtype, y [M, N] float32. A second target
 // (JaxserveSkinnyMatmulOutIn) reads w stored [N, K] instead: see run_oi.
+//
+// live s32[4] = (s0, e0, s1, e1): the rows the caller will read, [s0, e0) and [s1, e1); every
+// other row of y is set to 0 and, on the tall paths, not computed. A step's rows are a chunk
+// region and a decode region of fixed sizes, each used from its start (a 2,000-token prompt's
+// last step fills 416 of 528 rows): its products then cost the rows used, not the shape's.
 
 #include <immintrin.h>
 
@@ -248,18 +253,45 @@ inline PanelPos next_panel(int64_t k0, int64_t c, int64_t k, int64_t width, int6
   return {nk0, last_c ? 0 : c + pw, nk0 < k ? std::min(pk, k - nk0) : 0};
 }
 
-// A prefetch of `lines` spread over the row tiles of `rows` rows: lines per tile, rounded up.
-inline int64_t lines_per_tile(int64_t lines, int64_t rows, int64_t tile_m) {
-  const int64_t tiles = std::max<int64_t>(1, rows / tile_m);
-  return (lines + tiles - 1) / tiles;
+// The rows a product computes (see `live` at the top).
+struct LiveRows {
+  int64_t s0, e0, s1, e1;
+  int64_t count() const { return (e0 - s0) + (e1 - s1); }
+};
+
+// Rows [i0, i0 + mr) of x and y, one register tile.
+struct RowTile {
+  int64_t i0, mr;
+};
+
+// The live rows as register tiles of `full` rows, each span's last rows in tiles of at most
+// `rest` (a tile never crosses from one span into the other).
+inline std::vector<RowTile> row_tiles(const LiveRows& live, int64_t full, int64_t rest) {
+  std::vector<RowTile> tiles;
+  for (const auto [s, e] : {std::pair{live.s0, live.e0}, std::pair{live.s1, live.e1}}) {
+    int64_t i = s;
+    for (; i + full <= e; i += full) tiles.push_back({i, full});
+    for (; i < e; i += rest) tiles.push_back({i, std::min(rest, e - i)});
+  }
+  return tiles;
 }
 
+// Tiles per row block, for `blocks` blocks sharing `tiles` evenly.
+inline int64_t tiles_per_block(int64_t tiles, int64_t blocks) {
+  return std::max<int64_t>(1, (tiles + blocks - 1) / std::max<int64_t>(1, blocks));
+}
+
+// A prefetch of `lines` spread over a block's `tiles` row tiles: lines per tile, rounded up.
+inline int64_t lines_per_tile(int64_t lines, int64_t tiles) { return (lines + tiles - 1) / tiles; }
+
 template <typename T>
-void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, int64_t m,
-                int64_t k, int64_t width) {
+void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy,
+                const std::vector<RowTile>& tiles, int64_t k, int64_t width) {
   alignas(64) float panel[kPanelK * 32];
-  for (int64_t r0 = 0; r0 < m; r0 += kTallBlockM) {
-    const int64_t r1 = std::min(m, r0 + kTallBlockM);
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  const int64_t per_block = kTallBlockM / kTallTileM;
+  for (int64_t t0 = 0; t0 < nt; t0 += per_block) {
+    const int64_t t1 = std::min(nt, t0 + per_block);
     for (int64_t k0 = 0; k0 < k; k0 += kPanelK) {
       const int64_t kn = std::min(kPanelK, k - k0);
       for (int64_t c = 0; c < width; c += 32) {
@@ -270,21 +302,20 @@ void strip_tall(const float* x, const T* w, int64_t ldw, float* y, int64_t ldy, 
         // from memory while the FMAs wait, ~7% of a 528-row product).
         const PanelPos next = next_panel(k0, c, k, width, kPanelK, 32);
         const int64_t lines = 2 * next.kn;  // two lines per weight row (32 columns)
-        const int64_t per = lines_per_tile(lines, r1 - r0, kTallTileM);
+        const int64_t per = lines_per_tile(lines, t1 - t0);
         int64_t pf = 0;
-        int64_t i0 = r0;
-        for (; i0 + kTallTileM <= r1; i0 += kTallTileM) {
+        for (int64_t t = t0; t < t1; ++t) {
           const int64_t e = std::min(lines, pf + per);
           if (pf < e) prefetch_panel(w, ldw, next.k0, next.c, pf, e);
           pf = e;
-          (cols < 32 ? tile<kTallTileM, true, float> : tile<kTallTileM, false, float>)(
-              x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy, kn, m0, m1, k0 == 0,
-              nullptr);
-        }
-        for (; i0 < r1; i0 += kTileM) {
-          const int64_t mr = std::min(kTileM, r1 - i0);
-          kTiles<float>[cols < 32][mr](x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy,
-                                       kn, m0, m1, k0 == 0, nullptr);
+          const auto [i0, mr] = tiles[t];
+          if (mr == kTallTileM)
+            (cols < 32 ? tile<kTallTileM, true, float> : tile<kTallTileM, false, float>)(
+                x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy, kn, m0, m1, k0 == 0,
+                nullptr);
+          else
+            kTiles<float>[cols < 32][mr](x + i0 * k + k0, k, panel, 32, y + i0 * ldy + c, ldy,
+                                         kn, m0, m1, k0 == 0, nullptr);
         }
       }
     }
@@ -342,17 +373,20 @@ constexpr WideTileFn kWideTiles[kWideTileM + 1] = {
     nullptr, tile_wide<1, true>, tile_wide<2, true>, tile_wide<3, true>, tile_wide<4, true>,
     tile_wide<5, true>, tile_wide<6, true>};
 
-// Columns [0, width) of y [m, ldy] from w [width, k] (the strip's first output row).
+// Columns [0, width) of y from w [width, k] (the strip's first output row), for the rows of
+// `tiles` (kWideTileM rows each, a span's last fewer).
 template <typename T>
-void strip_tall_wide(const float* x, const T* w, float* y, int64_t ldy, int64_t m, int64_t k,
-                     int64_t width) {
+void strip_tall_wide(const float* x, const T* w, float* y, int64_t ldy,
+                     const std::vector<RowTile>& tiles, int64_t k, int64_t width) {
   alignas(64) float panel[kWidePanelK * 64];
-  // Blocks of equal size (whole row tiles), at most kWideBlockM: 272 rows as 264 + 8 filled
-  // every panel again for 8 rows (0.94x XLA's dot there; 2 x 138: 1.0x).
-  const int64_t blocks = (m + kWideBlockM - 1) / kWideBlockM;
-  const int64_t block_m = ((m + blocks - 1) / blocks + kWideTileM - 1) / kWideTileM * kWideTileM;
-  for (int64_t r0 = 0; r0 < m; r0 += block_m) {
-    const int64_t r1 = std::min(m, r0 + block_m);
+  // Blocks of equal size (whole row tiles), at most kWideBlockM rows: 272 rows as 264 + 8
+  // filled every panel again for 8 rows (0.94x XLA's dot there; 2 x 138: 1.0x).
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  int64_t rows = 0;
+  for (const RowTile& t : tiles) rows += t.mr;
+  const int64_t per_block = tiles_per_block(nt, (rows + kWideBlockM - 1) / kWideBlockM);
+  for (int64_t t0 = 0; t0 < nt; t0 += per_block) {
+    const int64_t t1 = std::min(nt, t0 + per_block);
     for (int64_t k0 = 0; k0 < k; k0 += kWidePanelK) {
       const int64_t kn = std::min(kWidePanelK, k - k0);
       for (int64_t c = 0; c < width; c += 64) {
@@ -366,28 +400,34 @@ void strip_tall_wide(const float* x, const T* w, float* y, int64_t ldy, int64_t 
         const int64_t nrows = next.kn ? std::min<int64_t>(64, width - next.c) : 0;
         constexpr int64_t kLine = 64 / sizeof(T);
         const int64_t per_row = (next.kn + kLine - 1) / kLine, lines = nrows * per_row;
-        const int64_t per = lines_per_tile(lines, r1 - r0, kWideTileM);
+        const int64_t per = lines_per_tile(lines, t1 - t0);
         int64_t pf = 0;
-        int64_t i0 = r0;
-        for (; i0 + kWideTileM <= r1; i0 += kWideTileM) {
+        for (int64_t t = t0; t < t1; ++t) {
           for (const int64_t e = std::min(lines, pf + per); pf < e; ++pf)
             _mm_prefetch(reinterpret_cast<const char*>(w + (next.c + pf / per_row) * k +
                                                        next.k0 + (pf % per_row) * kLine),
                          _MM_HINT_T1);
-          (cols < 64 ? tile_wide<kWideTileM, true> : tile_wide<kWideTileM, false>)(
-              x + i0 * k + k0, k, panel, y + i0 * ldy + c, ldy, kn, mk, k0 == 0);
+          const auto [i0, mr] = tiles[t];
+          const WideTileFn fn = mr < kWideTileM ? kWideTiles[mr]
+                                : cols < 64     ? tile_wide<kWideTileM, true>
+                                                : tile_wide<kWideTileM, false>;
+          fn(x + i0 * k + k0, k, panel, y + i0 * ldy + c, ldy, kn, mk, k0 == 0);
         }
-        if (i0 < r1)
-          kWideTiles[r1 - i0](x + i0 * k + k0, k, panel, y + i0 * ldy + c, ldy, kn, mk,
-                              k0 == 0);
       }
     }
   }
 }
 
+// Rows of y [m, n] outside `live`, set to 0.
+inline void zero_padding(float* y, int64_t m, int64_t n, const LiveRows& live) {
+  for (const auto [s, e] : {std::pair{int64_t{0}, live.s0}, std::pair{live.e0, live.s1},
+                            std::pair{live.e1, m}})
+    if (e > s) std::memset(y + s * n, 0, sizeof(float) * (e - s) * n);
+}
+
 template <typename T>
 void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
-         int64_t n) {
+         int64_t n, const LiveRows& live) {
   // Strips of about kStrip columns, their count a multiple of the workers so that every core
   // streams the same share of the weights (768 columns as 512 + 256 left one core idle a third
   // of the time).
@@ -395,13 +435,22 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
   const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
   const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 31) / 32 * 32;
   const int64_t strips = (n + width - 1) / width;
+  if (m > kTallRows) {
+    zero_padding(y, m, n, live);
+    const std::vector<RowTile> tiles = row_tiles(live, kTallTileM, kTileM);
+    const std::vector<RowTile>* tp = &tiles;
+    jaxserve::parallel_for(pool, strips, [=](int64_t s) {
+      const int64_t n0 = s * width;
+      strip_tall<T>(x, w + n0, n, y + n0, n, *tp, k, std::min(width, n - n0));
+    });
+    return;
+  }
+  // Few rows: bound by the weight stream, so all rows are computed and the padding zeroed.
   jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
-    if (m > kTallRows)
-      strip_tall<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
-    else
-      strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
+    strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
   });
+  zero_padding(y, m, n, live);
 }
 
 // Products on [out, in] weights (w [N, K], Hugging Face's layout, as the `fused_native` layout
@@ -476,16 +525,19 @@ void strip_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy, int
 
 template <typename T>
 void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
-            int64_t n) {
+            int64_t n, const LiveRows& live) {
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
   if (m > kTallRows) {
     // Tall: 64-column panels copied transposed, 6 x 64 tiles (strip_tall_wide; same FMA chain
     // per y[m, n], so the same bits as the skinny path below).
     const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 63) / 64 * 64;
+    zero_padding(y, m, n, live);
+    const std::vector<RowTile> tiles = row_tiles(live, kWideTileM, kWideTileM);
+    const std::vector<RowTile>* tp = &tiles;
     jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
       const int64_t n0 = s * width;
-      strip_tall_wide<T>(x, w + n0 * k, y + n0, n, m, k, std::min(width, n - n0));
+      strip_tall_wide<T>(x, w + n0 * k, y + n0, n, *tp, k, std::min(width, n - n0));
     });
     return;
   }
@@ -501,11 +553,12 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
     const int64_t n0 = s * width;
     strip_oi<T>(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
   });
+  zero_padding(y, m, n, live);
 }
 
 template <bool kOutIn>
 ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                         ffi::Result<ffi::Buffer<ffi::F32>> y) {
+                         ffi::Buffer<ffi::S32> live_rows, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[kOutIn ? 1 : 0])
@@ -514,9 +567,17 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   if (x.element_type() != w.element_type())
     return ffi::Error::InvalidArgument("skinny_matmul: x and w must share a dtype");
   const int64_t m = xd[0], k = xd[1], n = wd[kOutIn ? 0 : 1];
+  if (live_rows.element_count() != 4)
+    return ffi::Error::InvalidArgument("skinny_matmul: live_rows must be s32[4]");
+  const int32_t* lr = live_rows.typed_data();
+  const LiveRows live{lr[0], lr[1], lr[2], lr[3]};
+  if (!(0 <= live.s0 && live.s0 <= live.e0 && live.e0 <= live.s1 && live.s1 <= live.e1 &&
+        live.e1 <= m))
+    return ffi::Error::InvalidArgument(
+        "skinny_matmul: live_rows (s0, e0, s1, e1) need 0 <= s0 <= e0 <= s1 <= e1 <= M");
   if (m == 0 || n == 0) return ffi::Error::Success();
   float* out = y->typed_data();
-  if (k == 0) {
+  if (k == 0 || live.count() == 0) {
     std::memset(out, 0, sizeof(float) * m * n);
     return ffi::Error::Success();
   }
@@ -524,7 +585,7 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
     case ffi::DataType::F32:
       (kOutIn ? run_oi<float> : run<float>)(
           pool, reinterpret_cast<const float*>(x.untyped_data()),
-          reinterpret_cast<const float*>(w.untyped_data()), out, m, k, n);
+          reinterpret_cast<const float*>(w.untyped_data()), out, m, k, n, live);
       return ffi::Error::Success();
     case ffi::DataType::BF16: {
       // x is small (M x K): widen it once; the weights are widened in registers.
@@ -535,7 +596,8 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
         std::memcpy(&xf[i], &bits, 4);
       }
       (kOutIn ? run_oi<uint16_t> : run<uint16_t>)(
-          pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out, m, k, n);
+          pool, xf.data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out, m, k, n,
+          live);
       return ffi::Error::Success();
     }
     default:
@@ -550,6 +612,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmul, skinny_matmul<false>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // The same product with w stored [N, K] ([out, in]): see run_oi.
@@ -558,4 +621,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmulOutIn, skinny_matmul<true>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
