@@ -334,9 +334,22 @@ constexpr int64_t kWidePanelK = 128;
 constexpr int kWideTileM = 6;
 constexpr int64_t kWideBlockM = 264;  // x slice 264 x 128 x 4 B = 132 KiB, in L2
 
+// Where a tile's 64 columns of weights are: a panel filled by the tall path ([kn, 64], rows
+// 64 floats apart), or, in the `panels` layout, four 16-column panels read in place (rows 16
+// floats apart, one panel `stride` floats from the next).
+struct FilledPanel {
+  const float* p;
+  const float* at(int64_t k, int j) const { return p + k * 64 + 16 * j; }
+};
+struct PackedPanels {
+  const float* p;
+  int64_t stride;
+  const float* at(int64_t k, int j) const { return p + j * stride + k * 16; }
+};
+
 // y[0:MR, 0:64] (+)= x[0:MR, 0:kn] @ panel[0:kn, 0:64]; mk: the four 16-column masks.
-template <int MR, bool kMasked>
-inline void tile_wide(const float* x, int64_t ldx, const float* panel, float* y, int64_t ldy,
+template <int MR, bool kMasked, typename Panel>
+inline void tile_wide(const float* x, int64_t ldx, Panel panel, float* y, int64_t ldy,
                       int64_t kn, const __mmask16* mk, bool first) {
   __m512 acc[4 * MR];  // flat and fully unrolled, so GCC keeps it in registers (see tile)
 #pragma GCC unroll 32
@@ -346,11 +359,12 @@ inline void tile_wide(const float* x, int64_t ldx, const float* panel, float* y,
       acc[4 * i + v] = first ? _mm512_setzero_ps()
                              : _mm512_maskz_loadu_ps(kMasked ? mk[v] : 0xFFFF,
                                                      y + i * ldy + 16 * v);
+  // Short tiles load masked: a packed panel past the last column may not exist.
+  const auto load = [&](int64_t k, int j) {
+    return kMasked ? _mm512_maskz_loadu_ps(mk[j], panel.at(k, j)) : _mm512_loadu_ps(panel.at(k, j));
+  };
   for (int64_t k = 0; k < kn; ++k) {
-    const __m512 w0 = _mm512_load_ps(panel + k * 64);
-    const __m512 w1 = _mm512_load_ps(panel + k * 64 + 16);
-    const __m512 w2 = _mm512_load_ps(panel + k * 64 + 32);
-    const __m512 w3 = _mm512_load_ps(panel + k * 64 + 48);
+    const __m512 w0 = load(k, 0), w1 = load(k, 1), w2 = load(k, 2), w3 = load(k, 3);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512 xi = _mm512_set1_ps(x[i * ldx + k]);
@@ -367,11 +381,19 @@ inline void tile_wide(const float* x, int64_t ldx, const float* panel, float* y,
       _mm512_mask_storeu_ps(y + i * ldy + 16 * v, kMasked ? mk[v] : 0xFFFF, acc[4 * i + v]);
 }
 
-using WideTileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t,
+template <typename Panel>
+using WideTileFn = void (*)(const float*, int64_t, Panel, float*, int64_t, int64_t,
                             const __mmask16*, bool);
-constexpr WideTileFn kWideTiles[kWideTileM + 1] = {
-    nullptr, tile_wide<1, true>, tile_wide<2, true>, tile_wide<3, true>, tile_wide<4, true>,
-    tile_wide<5, true>, tile_wide<6, true>};
+// The tile for `mr` rows of `cols` columns (masked where short).
+template <typename Panel>
+inline WideTileFn<Panel> wide_tile_for(int64_t mr, int64_t cols) {
+  constexpr WideTileFn<Panel> kPartial[kWideTileM] = {
+      nullptr,  tile_wide<1, true, Panel>, tile_wide<2, true, Panel>,
+      tile_wide<3, true, Panel>, tile_wide<4, true, Panel>, tile_wide<5, true, Panel>};
+  return mr < kWideTileM ? kPartial[mr]
+         : cols < 64     ? tile_wide<kWideTileM, true, Panel>
+                         : tile_wide<kWideTileM, false, Panel>;
+}
 
 // Columns [0, width) of y from w [width, k] (the strip's first output row), for the rows of
 // `tiles` (kWideTileM rows each, a span's last fewer).
@@ -408,10 +430,8 @@ void strip_tall_wide(const float* x, const T* w, float* y, int64_t ldy,
                                                        next.k0 + (pf % per_row) * kLine),
                          _MM_HINT_T1);
           const auto [i0, mr] = tiles[t];
-          const WideTileFn fn = mr < kWideTileM ? kWideTiles[mr]
-                                : cols < 64     ? tile_wide<kWideTileM, true>
-                                                : tile_wide<kWideTileM, false>;
-          fn(x + i0 * k + k0, k, panel, y + i0 * ldy + c, ldy, kn, mk, k0 == 0);
+          wide_tile_for<FilledPanel>(mr, cols)(x + i0 * k + k0, k, FilledPanel{panel},
+                                               y + i0 * ldy + c, ldy, kn, mk, k0 == 0);
         }
       }
     }
@@ -556,6 +576,151 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
   zero_padding(y, m, n, live);
 }
 
+
+// The `panels` layout (`fused_panels`): float32 w [P, K, 16], P = ceil(N / 16), panel c holding
+// output columns 16c..16c+15 (zero past N) of every input k, one 64-byte line per k, so a
+// panel is one contiguous [K, 16] block. Tall products read four panels in place as a 6 x 64
+// tile's weights (strip_tall_wide without the transpose into a filled panel, 4-5% of its
+// time); few-row products are run_oi's, vectorised over x's rows, but a 16-column tile's
+// weights are one stream, a line per k, instead of 16 rows of w read side by side. Each
+// y[m, n] is the same FMA chain as on the other paths (k = 0..K-1 from 0): the same bits.
+constexpr int64_t kPanelWidth = 16;
+constexpr int64_t kP16Prefetch = 8;  // lines (k rows) ahead in a tile's weight stream
+
+// y[0:16, 0:cols] (rows outside `rows` untouched) = xt[0:K, 0:16]^T @ w[0:K, 0:cols].
+inline void tile_p16(const float* xt, const float* w, int64_t k, float* y, int64_t ldy,
+                     __mmask16 rows, int64_t cols) {
+  __m512 acc[kPanelWidth];
+#pragma GCC unroll 16
+  for (int r = 0; r < kPanelWidth; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (kk + kP16Prefetch) * kPanelWidth),
+                 _MM_HINT_T0);
+    const __m512 xk = _mm512_loadu_ps(xt + kk * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < kPanelWidth; ++r)
+      acc[r] = _mm512_fmadd_ps(xk, _mm512_set1_ps(w[kk * kPanelWidth + r]), acc[r]);
+  }
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int32_t>(ldy)));
+#pragma GCC unroll 16
+  for (int r = 0; r < kPanelWidth; ++r)
+    if (r < cols) _mm512_mask_i32scatter_ps(y + r, rows, idx, acc[r], 4);
+}
+
+// Columns [0, width) of y [m, ldy] from the panels at w (the strip's first), few rows.
+inline void strip_p16(const float* xt, const float* w, int64_t k, float* y, int64_t ldy,
+                      int64_t m, int64_t width) {
+  for (int64_t c = 0; c < width; c += kPanelWidth)
+    for (int64_t i0 = 0; i0 < m; i0 += 16)
+      tile_p16(xt + i0 * k, w + c * k, k, y + i0 * ldy + c, ldy, mask_of(m - i0),
+               std::min(kPanelWidth, width - c));
+}
+
+// Columns [0, width) of y from the panels at w (the strip's first), for the rows of `tiles`.
+inline void strip_tall_p16(const float* x, const float* w, float* y, int64_t ldy,
+                           const std::vector<RowTile>& tiles, int64_t k, int64_t width) {
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  int64_t rows = 0;
+  for (const RowTile& t : tiles) rows += t.mr;
+  const int64_t per_block = tiles_per_block(nt, (rows + kWideBlockM - 1) / kWideBlockM);
+  for (int64_t t0 = 0; t0 < nt; t0 += per_block) {
+    const int64_t t1 = std::min(nt, t0 + per_block);
+    for (int64_t k0 = 0; k0 < k; k0 += kWidePanelK) {
+      const int64_t kn = std::min(kWidePanelK, k - k0);
+      for (int64_t c = 0; c < width; c += 64) {
+        const int64_t cols = std::min<int64_t>(64, width - c);
+        __mmask16 mk[4];
+        for (int v = 0; v < 4; ++v) mk[v] = mask_of(cols - 16 * v);
+        const PackedPanels panel{w + c * k + k0 * kPanelWidth, k * kPanelWidth};
+        // The next tile's four panels (kn lines each), into L2 a few lines per row tile.
+        const PanelPos next = next_panel(k0, c, k, width, kWidePanelK, 64);
+        const int64_t npanels =
+            next.kn ? (std::min<int64_t>(64, width - next.c) + kPanelWidth - 1) / kPanelWidth
+                    : 0;
+        const int64_t lines = npanels * next.kn, per = lines_per_tile(lines, t1 - t0);
+        int64_t pf = 0;
+        for (int64_t t = t0; t < t1; ++t) {
+          for (const int64_t e = std::min(lines, pf + per); pf < e; ++pf)
+            _mm_prefetch(reinterpret_cast<const char*>(
+                             w + (next.c + (pf / next.kn) * kPanelWidth) * k +
+                             (next.k0 + pf % next.kn) * kPanelWidth),
+                         _MM_HINT_T1);
+          const auto [i0, mr] = tiles[t];
+          wide_tile_for<PackedPanels>(mr, cols)(x + i0 * k + k0, k, panel, y + i0 * ldy + c,
+                                                ldy, kn, mk, k0 == 0);
+        }
+      }
+    }
+  }
+}
+
+void run_panels(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t m,
+                int64_t k, int64_t n, const LiveRows& live) {
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
+  const int64_t share = (n + workers * rounds - 1) / (workers * rounds);
+  if (m > kTallRows) {
+    const int64_t width = (share + 63) / 64 * 64;
+    zero_padding(y, m, n, live);
+    const std::vector<RowTile> tiles = row_tiles(live, kWideTileM, kWideTileM);
+    const std::vector<RowTile>* tp = &tiles;
+    jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
+      const int64_t n0 = s * width;
+      strip_tall_p16(x, w + n0 * k, y + n0, n, *tp, k, std::min(width, n - n0));
+    });
+    return;
+  }
+  // x transposed into row tiles of 16 (zero past m), as run_oi.
+  const int64_t tiles = (m + 15) / 16;
+  std::vector<float> xt(tiles * k * 16, 0.0f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t kk = 0; kk < k; ++kk) xt[((i / 16) * k + kk) * 16 + i % 16] = x[i * k + kk];
+  const int64_t width = (share + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+  const float* xtp = xt.data();
+  jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
+    const int64_t n0 = s * width;
+    strip_p16(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
+  });
+  zero_padding(y, m, n, live);
+}
+
+// The rows `live_rows` names, checked (see `live` at the top).
+ffi::Error live_of(ffi::Buffer<ffi::S32> live_rows, int64_t m, LiveRows& live) {
+  if (live_rows.element_count() != 4)
+    return ffi::Error::InvalidArgument("skinny_matmul: live_rows must be s32[4]");
+  const int32_t* lr = live_rows.typed_data();
+  live = LiveRows{lr[0], lr[1], lr[2], lr[3]};
+  if (!(0 <= live.s0 && live.s0 <= live.e0 && live.e0 <= live.s1 && live.s1 <= live.e1 &&
+        live.e1 <= m))
+    return ffi::Error::InvalidArgument(
+        "skinny_matmul: live_rows (s0, e0, s1, e1) need 0 <= s0 <= e0 <= s1 <= e1 <= M");
+  return ffi::Error::Success();
+}
+
+ffi::Error panels_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::S32> live_rows, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] ||
+      wd[2] != kPanelWidth || yd[0] != xd[0] || wd[0] != (yd[1] + kPanelWidth - 1) / kPanelWidth)
+    return ffi::Error::InvalidArgument(
+        "panels_matmul: x [M, K], w [ceil(N / 16), K, 16] and y [M, N] expected");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  LiveRows live;
+  if (ffi::Error e = live_of(live_rows, m, live); e.failure()) return e;
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  float* out = y->typed_data();
+  if (k == 0 || live.count() == 0) {
+    std::memset(out, 0, sizeof(float) * m * n);
+    return ffi::Error::Success();
+  }
+  run_panels(pool, x.typed_data(), w.typed_data(), out, m, k, n, live);
+  return ffi::Error::Success();
+}
+
 template <bool kOutIn>
 ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::Buffer<ffi::S32> live_rows, ffi::Result<ffi::Buffer<ffi::F32>> y) {
@@ -567,14 +732,8 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   if (x.element_type() != w.element_type())
     return ffi::Error::InvalidArgument("skinny_matmul: x and w must share a dtype");
   const int64_t m = xd[0], k = xd[1], n = wd[kOutIn ? 0 : 1];
-  if (live_rows.element_count() != 4)
-    return ffi::Error::InvalidArgument("skinny_matmul: live_rows must be s32[4]");
-  const int32_t* lr = live_rows.typed_data();
-  const LiveRows live{lr[0], lr[1], lr[2], lr[3]};
-  if (!(0 <= live.s0 && live.s0 <= live.e0 && live.e0 <= live.s1 && live.s1 <= live.e1 &&
-        live.e1 <= m))
-    return ffi::Error::InvalidArgument(
-        "skinny_matmul: live_rows (s0, e0, s1, e1) need 0 <= s0 <= e0 <= s1 <= e1 <= M");
+  LiveRows live;
+  if (ffi::Error e = live_of(live_rows, m, live); e.failure()) return e;
   if (m == 0 || n == 0) return ffi::Error::Success();
   float* out = y->typed_data();
   if (k == 0 || live.count() == 0) {
@@ -621,5 +780,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmulOutIn, skinny_matmul<true>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The same product with w in the `panels` layout, float32 [ceil(N / 16), K, 16]: see run_panels.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePanelsMatmul, panels_matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

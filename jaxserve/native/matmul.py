@@ -42,3 +42,35 @@ def skinny_matmul(x: jax.Array, w: jax.Array, out_in: bool = False,
     if live_rows is None:
         live_rows = full_rows(x2.shape[0])
     return call(x2, w, live_rows.astype(jax.numpy.int32)).reshape(*lead, n)
+
+
+PANEL_WIDTH = 16  # output columns per panel of the `panels` layout
+
+
+def to_panels(w_out_in: jax.Array) -> jax.Array:
+    """w [N, K] ([out, in]) -> the `panels` layout [ceil(N / 16), K, 16]: panel c holds output
+    columns 16c..16c+15 (zeros past N) of every input k, 16 columns a 64-byte line."""
+    n, k = w_out_in.shape
+    p = -(-n // PANEL_WIDTH)
+    padded = jax.numpy.pad(w_out_in, ((0, p * PANEL_WIDTH - n), (0, 0)))
+    return padded.reshape(p, PANEL_WIDTH, k).transpose(0, 2, 1)
+
+
+def panels_matmul(x: jax.Array, w: jax.Array, n: int,
+                  live_rows: jax.Array | None = None) -> jax.Array:
+    """f32[..., n] = x[..., K] @ W.T for W [n, K] stored as `to_panels(W)` (float32 only): the
+    native kernel's `panels` path (matmul.cc: run_panels), the same bits as `skinny_matmul` on
+    W itself; `live_rows` as there."""
+    matmul_build.load()
+    lead, k = x.shape[:-1], x.shape[-1]
+    if x.dtype != jax.numpy.float32 or w.dtype != jax.numpy.float32:
+        raise ValueError(f"{x.dtype=} and {w.dtype=}: the panels layout is float32 only")
+    if w.ndim != 3 or w.shape[1:] != (k, PANEL_WIDTH) or w.shape[0] != -(-n // PANEL_WIDTH):
+        raise ValueError(f"{x.shape=}, {w.shape=}, {n=}: want x [..., K] and w "
+                         f"[ceil(n / {PANEL_WIDTH}), K, {PANEL_WIDTH}]")
+    x2 = x.reshape(-1, k)
+    if live_rows is None:
+        live_rows = full_rows(x2.shape[0])
+    call = jax.ffi.ffi_call("jaxserve_panels_matmul",
+                            jax.ShapeDtypeStruct((x2.shape[0], n), jax.numpy.float32))
+    return call(x2, w, live_rows.astype(jax.numpy.int32)).reshape(*lead, n)

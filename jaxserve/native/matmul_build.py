@@ -18,7 +18,8 @@ MATMUL = build.Library(
     name="matmul", sources=("matmul.cc",), headers=("parallel_for.h",),
     flags=("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-fPIC"),
     targets=(("jaxserve_skinny_matmul", "JaxserveSkinnyMatmul"),
-             ("jaxserve_skinny_matmul_out_in", "JaxserveSkinnyMatmulOutIn")))
+             ("jaxserve_skinny_matmul_out_in", "JaxserveSkinnyMatmulOutIn"),
+             ("jaxserve_panels_matmul", "JaxservePanelsMatmul")))
 # The instruction sets matmul.cc uses (x86 /proc/cpuinfo flag names).
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 
