@@ -83,9 +83,11 @@ class Runner:
         self.startup_compile_s = time.perf_counter() - t0
 
     def _native_matmul_available(self) -> bool:
-        """Whether `weight_layout=auto` may use the native skinny matmul: one CPU device, a CPU
-        it supports (checked before building), and a build that succeeds (else logged)."""
-        if self.placement or jax.default_backend() != "cpu" or self.cfg.weight_layout != "auto":
+        """Whether `weight_layout=auto` (or `fused_panels`, which only it reads) may use the
+        native matmul: one CPU device, a CPU it supports (checked before building), and a build
+        that succeeds (else logged)."""
+        if (self.placement or jax.default_backend() != "cpu"
+                or self.cfg.weight_layout not in ("auto", "fused_panels")):
             return False
         from jaxserve.native import matmul_build
         if not matmul_build.supported():

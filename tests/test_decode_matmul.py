@@ -138,6 +138,48 @@ def test_live_rows_out_of_order_is_an_error():
         jax.block_until_ready(skinny_matmul(x, w, live_rows=jnp.array([0, 10, 20, 81])))
 
 
+def _panels(x, w_out_in, live=None):
+    from jaxserve.native.matmul import panels_matmul, to_panels
+    n = w_out_in.shape[0]
+    live = jnp.array([0, x.shape[0], x.shape[0], x.shape[0]]) if live is None else live
+    return jax.jit(lambda x, w, l: panels_matmul(x, w, n, l))(x, to_panels(w_out_in), live)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 64, 65, 100, 150])
+@pytest.mark.parametrize("k,n", [(200, 300), (37, 40), (130, 64), (129, 100), (16, 1)])
+def test_panels_layout_gives_the_out_in_bits(m, k, n):
+    # The panels path (few rows: one stream per 16-column tile; tall: four panels read in
+    # place) against the [out, in] path: the same FMA chain per output, so the same bits, for
+    # widths that leave a partial panel and a partial 64-column tile.
+    x, w = _operands(m, k, n, jnp.float32, seed=m * 7 + k)
+    w_oi = jnp.asarray(np.ascontiguousarray(np.asarray(w).T))
+    want = np.asarray(_skinny_out_in(x, w_oi))
+    np.testing.assert_array_equal(np.asarray(_panels(x, w_oi)), want)
+    live = jnp.array([0, m // 3, m // 2, m // 2 + 1])
+    got = np.asarray(_panels(x, w_oi, live))
+    mask = np.zeros(m, bool)
+    mask[: m // 3] = mask[m // 2: m // 2 + 1] = True
+    np.testing.assert_array_equal(got[mask], want[mask])
+    assert (got[~mask] == 0).all()
+
+
+def test_panels_layout_shape_and_errors():
+    from jaxserve.native.matmul import panels_matmul, to_panels
+    w = jnp.arange(35 * 3, dtype=jnp.float32).reshape(35, 3)  # [N=35, K=3]
+    p = np.asarray(to_panels(w))
+    assert p.shape == (3, 3, 16)
+    assert p[2, 1, 2] == w[34, 1] and (p[2, :, 3:] == 0).all()  # column 16c + j at [c, k, j]
+    x = jnp.ones((4, 3), jnp.float32)
+    with pytest.raises(ValueError, match="float32 only"):
+        panels_matmul(x.astype(jnp.bfloat16), to_panels(w), 35)
+    with pytest.raises(ValueError, match="ceil"):
+        panels_matmul(x, to_panels(w), 60)
+    with pytest.raises(ValueError, match="float32 only"):
+        resolve_layout("fused_panels", "cpu", native_matmul=True, dtype="bfloat16")
+    with pytest.raises(ValueError, match="native CPU kernel"):
+        resolve_layout("fused_panels", "cpu", native_matmul=False)
+
+
 def test_leading_dims_and_errors():
     from jaxserve.native.matmul import skinny_matmul
     x, w = _operands(6, 40, 24, jnp.float32)
@@ -156,16 +198,18 @@ def test_native_layout_matches_xla_layout():
     hf = init_params(TINY, seed=0)
     tokens = jnp.arange(5, dtype=jnp.int32)
     outs = {}
-    for name in ("fused_in_out", "fused_in_out_native", "fused_native"):
-        layout = resolve_layout(name, "cpu")
+    for name in ("fused_in_out", "fused_in_out_native", "fused_native", "fused_panels"):
+        layout = resolve_layout(name, "cpu", native_matmul=True)
         model = bind(TINY, to_layout(TINY, hf, layout), layout)
         h, _ = model.hidden_states(tokens, tokens, lambda i, q, k, v, c: (q, c), None)
         outs[name] = np.asarray(model.logits(h))
     np.testing.assert_allclose(outs["fused_in_out_native"], outs["fused_in_out"], rtol=1e-4,
                                atol=1e-4)
-    # Both native layouts: the same kernel arithmetic, so the same bits.
+    # The native layouts: the same kernel arithmetic, so the same bits.
     np.testing.assert_array_equal(outs["fused_native"], outs["fused_in_out_native"])
-    assert resolve_layout("auto", "cpu", native_matmul=True) == resolve_layout("fused_native")
+    np.testing.assert_array_equal(outs["fused_panels"], outs["fused_native"])
+    assert (resolve_layout("auto", "cpu", native_matmul=True)
+            == resolve_layout("fused_panels", native_matmul=True))
     assert (resolve_layout("auto", "cpu", native_matmul=True, dtype="bfloat16")
             == resolve_layout("fused_in_out_native"))
     assert resolve_layout("auto", "cpu", native_matmul=True).native_rows > 0

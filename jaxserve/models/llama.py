@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig, RopeConfig
+from jaxserve.native.matmul import PANEL_WIDTH
 
 # attend(layer_index, q f32[T, H, Dh], k [T, KVH, Dh], v [T, KVH, Dh], cache) -> (o [T, H, Dh], cache)
 AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -59,11 +60,16 @@ class WeightLayout:
     in_out: bool = False
     native_rows: int = 0
     row_invariant: bool = False
+    # Projections stored as 16-column panels [ceil(out / 16), in, 16] (`fused_panels`, float32
+    # on the native kernel only, which reads them for every product): a tall product reads
+    # them in place where `[out, in]` needs each panel transposed (3-5% of a 528-row product),
+    # and a decode product as fast (benchmarks/results/panels_layout.json).
+    panels: bool = False
 
     @property
     def rows_on_native(self) -> int:
         """Products of at most this many rows run on the native kernel (0: none)."""
-        return _ALL_ROWS if self.row_invariant else self.native_rows
+        return _ALL_ROWS if self.row_invariant or self.panels else self.native_rows
 
 
 HF_LAYOUT = WeightLayout()
@@ -71,11 +77,14 @@ _ALL_ROWS = 2**62
 
 
 def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0,
-             live_rows: jax.Array | None = None) -> jax.Array:
-    """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out]), f32 accumulation. Products
-    of at most `native_rows` rows run on the native skinny kernel (either layout), which
-    computes only `live_rows` (`skinny_matmul`; the others come back 0); XLA's dot computes
-    every row."""
+             live_rows: jax.Array | None = None, out_features: int | None = None) -> jax.Array:
+    """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out], or the `panels` layout's
+    [ceil(out / 16), in, 16], which needs `out_features`), f32 accumulation. Products of at
+    most `native_rows` rows (panels: all) run on the native kernel, which computes only
+    `live_rows` (`skinny_matmul`; the others come back 0); XLA's dot computes every row."""
+    if w.ndim == 3:
+        from jaxserve.native.matmul import panels_matmul
+        return panels_matmul(x, w, out_features, live_rows=live_rows)
     if native_rows and math.prod(x.shape[:-1]) <= native_rows:
         from jaxserve.native.matmul import skinny_matmul  # the CPU-only path loads it
         return skinny_matmul(x, w, out_in=not in_out, live_rows=live_rows)
@@ -85,22 +94,25 @@ def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0,
 
 
 def _dot(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0,
-         live_rows: jax.Array | None = None) -> jax.Array:
+         live_rows: jax.Array | None = None, out_features: int | None = None) -> jax.Array:
     """x [..., in] @ w in x's dtype (see `_dot_f32`)."""
-    return _dot_f32(x, w, in_out, native_rows, live_rows).astype(x.dtype)
+    return _dot_f32(x, w, in_out, native_rows, live_rows, out_features).astype(x.dtype)
 
 
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs,
-                 in_out: bool = False, native_rows: int = 0):
+                 in_out: bool = False, native_rows: int = 0, panels: bool = False):
         scale = 1.0 / math.sqrt(in_features)
-        shape = (in_features, out_features) if in_out else (out_features, in_features)
+        shape = ((-(-out_features // PANEL_WIDTH), in_features, PANEL_WIDTH) if panels
+                 else (in_features, out_features) if in_out else (out_features, in_features))
         self.weight = nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * scale)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
         self.in_out, self.native_rows = in_out, native_rows
+        self.out_features = out_features
 
     def __call__(self, x: jax.Array, live_rows: jax.Array | None = None) -> jax.Array:
-        y = _dot(x, self.weight[...], self.in_out, self.native_rows, live_rows)
+        y = _dot(x, self.weight[...], self.in_out, self.native_rows, live_rows,
+                 self.out_features)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -172,14 +184,15 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, hd = cfg.hidden_size, cfg.head_dim
         lin = functools.partial(Linear, bias=cfg.attention_bias, dtype=dtype, rngs=rngs,
-                                in_out=layout.in_out, native_rows=layout.rows_on_native)
+                                in_out=layout.in_out, native_rows=layout.rows_on_native,
+                                panels=layout.panels)
         nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
         if layout.fused:
             self.qkv_proj = lin(h, nq + 2 * nkv)
         else:
             self.q_proj, self.k_proj, self.v_proj = lin(h, nq), lin(h, nkv), lin(h, nkv)
         self.o_proj = Linear(nq, h, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out,
-                             native_rows=layout.rows_on_native)
+                             native_rows=layout.rows_on_native, panels=layout.panels)
         self.fused = layout.fused
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype)
@@ -211,7 +224,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, layout: WeightLayout):
         h, i = cfg.hidden_size, cfg.intermediate_size
         lin = functools.partial(Linear, bias=False, dtype=dtype, rngs=rngs, in_out=layout.in_out,
-                                native_rows=layout.rows_on_native)
+                                native_rows=layout.rows_on_native, panels=layout.panels)
         if layout.fused:
             self.gate_up_proj = lin(h, 2 * i)
         else:
@@ -266,7 +279,7 @@ class LlamaForCausalLM(nnx.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype,
                                   rngs=rngs, in_out=layout.in_out,
-                                  native_rows=layout.rows_on_native)
+                                  native_rows=layout.rows_on_native, panels=layout.panels)
 
     def hidden_states(self, token_ids, positions, attend: AttendFn, cache, rope=None,
                       live_rows=None):
@@ -291,4 +304,5 @@ class LlamaForCausalLM(nnx.Module):
             return _dot_f32(hidden, self.model.embed_tokens.weight[...], in_out=False,
                             native_rows=self.tied_head_native_rows)
         head = self.lm_head
-        return _dot_f32(hidden, head.weight[...], head.in_out, head.native_rows)
+        return _dot_f32(hidden, head.weight[...], head.in_out, head.native_rows,
+                        out_features=head.out_features)

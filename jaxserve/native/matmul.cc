@@ -585,7 +585,11 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
 // weights are one stream, a line per k, instead of 16 rows of w read side by side. Each
 // y[m, n] is the same FMA chain as on the other paths (k = 0..K-1 from 0): the same bits.
 constexpr int64_t kPanelWidth = 16;
-constexpr int64_t kP16Prefetch = 8;  // lines (k rows) ahead in a tile's weight stream
+// A tile's weights are one stream: prefetched kP16Prefetch lines (k rows) ahead into L1 and 4x
+// that into L2. With 8 lines into L1 only, the weights-only decode step of the bench model was
+// 1.23x the [out, in] path's (its 16 row streams keep more misses in flight), 32: 1.08x, with
+// the L2 prefetch as well 0.98-1.0x (benchmarks/panels_layout.py).
+constexpr int64_t kP16Prefetch = 32;
 
 // y[0:16, 0:cols] (rows outside `rows` untouched) = xt[0:K, 0:16]^T @ w[0:K, 0:cols].
 inline void tile_p16(const float* xt, const float* w, int64_t k, float* y, int64_t ldy,
@@ -596,6 +600,8 @@ inline void tile_p16(const float* xt, const float* w, int64_t k, float* y, int64
   for (int64_t kk = 0; kk < k; ++kk) {
     _mm_prefetch(reinterpret_cast<const char*>(w + (kk + kP16Prefetch) * kPanelWidth),
                  _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (kk + 4 * kP16Prefetch) * kPanelWidth),
+                 _MM_HINT_T1);
     const __m512 xk = _mm512_loadu_ps(xt + kk * 16);
 #pragma GCC unroll 16
     for (int r = 0; r < kPanelWidth; ++r)
@@ -619,6 +625,16 @@ inline void strip_p16(const float* xt, const float* w, int64_t k, float* y, int6
 }
 
 // Columns [0, width) of y from the panels at w (the strip's first), for the rows of `tiles`.
+// As strip_tall_wide, but the weights are read in place: a 6 x 64 tile's are four panels'
+// kn-long pieces, kPanelsK k rows of them (kn x 64 x 4 B = 64 KiB, more than the 48 KiB L1:
+// they stream from L2, where the next ones are prefetched meanwhile; twice as many k rows per
+// tile call as strip_tall_wide's 128 halve the accumulators' loads and stores). On a chain of
+// the bench model's 48 layer products at 528 rows (weights from memory), against the [out, in]
+// path (benchmarks/panels_layout.py, same process): panels of 128 k rows 0.95-0.96x its time,
+// 256 0.90-0.92x, 384-768 0.91-0.93x; row blocks of 132 or 528 instead of 264, and
+// prefetching two panels ahead, slower.
+constexpr int64_t kPanelsK = 256;
+
 inline void strip_tall_p16(const float* x, const float* w, float* y, int64_t ldy,
                            const std::vector<RowTile>& tiles, int64_t k, int64_t width) {
   const int64_t nt = static_cast<int64_t>(tiles.size());
@@ -627,15 +643,16 @@ inline void strip_tall_p16(const float* x, const float* w, float* y, int64_t ldy
   const int64_t per_block = tiles_per_block(nt, (rows + kWideBlockM - 1) / kWideBlockM);
   for (int64_t t0 = 0; t0 < nt; t0 += per_block) {
     const int64_t t1 = std::min(nt, t0 + per_block);
-    for (int64_t k0 = 0; k0 < k; k0 += kWidePanelK) {
-      const int64_t kn = std::min(kWidePanelK, k - k0);
+    for (int64_t k0 = 0; k0 < k; k0 += kPanelsK) {
+      const int64_t kn = std::min(kPanelsK, k - k0);
       for (int64_t c = 0; c < width; c += 64) {
         const int64_t cols = std::min<int64_t>(64, width - c);
         __mmask16 mk[4];
         for (int v = 0; v < 4; ++v) mk[v] = mask_of(cols - 16 * v);
         const PackedPanels panel{w + c * k + k0 * kPanelWidth, k * kPanelWidth};
-        // The next tile's four panels (kn lines each), into L2 a few lines per row tile.
-        const PanelPos next = next_panel(k0, c, k, width, kWidePanelK, 64);
+        // The next tile's panels (next.kn lines each), into L2 a few lines per row tile
+        // (without: 2-3% slower on the chain above).
+        const PanelPos next = next_panel(k0, c, k, width, kPanelsK, 64);
         const int64_t npanels =
             next.kn ? (std::min<int64_t>(64, width - next.c) + kPanelWidth - 1) / kPanelWidth
                     : 0;
