@@ -17,9 +17,7 @@ median of the paired ratios (with / without).
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +25,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jaxserve import LLM, SamplingParams  # noqa: E402
-from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve import SamplingParams  # noqa: E402
+from jaxserve.bench.machine import cpu_description  # noqa: E402
+from jaxserve.bench.paired import engine_llm, run_paired  # noqa: E402
 from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.config import EngineConfig  # noqa: E402
-from jaxserve.engine import Engine  # noqa: E402
-from jaxserve.llm import load_params  # noqa: E402
 
 
 class ChunkSizeOnly(EngineConfig):
@@ -42,15 +39,6 @@ class ChunkSizeOnly(EngineConfig):
         return self.chunk_tokens
 
 
-def _llm(model: str, cls) -> LLM:
-    cfg = cls(chunk_size=512, max_decode_slots=16, enable_prefix_caching=False)
-    model_cfg, params = load_params(model, None, cfg)
-    llm = LLM.__new__(LLM)
-    llm.model_path, llm._ids, llm.last_score_summary = model, itertools.count(), None
-    llm.engine = Engine(model_cfg, params, cfg, None)
-    return llm
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/bench_model",
@@ -58,31 +46,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--json_out", default=str(ROOT / "benchmarks/results/idle_decode_rows.json"))
     args = ap.parse_args()
-    engines = {"with": _llm(args.model, EngineConfig), "without": _llm(args.model, ChunkSizeOnly)}
+    opts = dict(chunk_size=512, max_decode_slots=16, enable_prefix_caching=False)
+    engines = {"with": engine_llm(args.model, EngineConfig(**opts)),
+               "without": engine_llm(args.model, ChunkSizeOnly(**opts))}
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_tokens=1, temperature=0.0)
-    jobs = {f"one prompt of {n} tokens (TTFT, ms)": [[rng.integers(0, 32000, n).tolist()]
-                                                     for _ in range(4)]
+    jobs = {f"one prompt of {n} tokens (TTFT, ms)": ([[rng.integers(0, 32000, n).tolist()]
+                                                      for _ in range(4)], sp)
             for n in (1024, 1040, 1536, 2000)}
-    jobs["16 prompts of 260 tokens (wall, ms)"] = [
-        [rng.integers(0, 32000, 260).tolist() for _ in range(16)] for _ in range(2)]
-    print(cpu_line())
-    print(f"{'workload':<38}{'with':>9}{'without':>9}{'ratio':>8}")
-    results = {}
-    for name, batches in jobs.items():
-        times = {k: [] for k in engines}
-        for i in range(args.repeats):
-            for k, llm in engines.items():
-                start = time.perf_counter()
-                llm.generate(prompt_token_ids=batches[i % len(batches)], sampling_params=sp,
-                             use_tqdm=False)
-                times[k].append((time.perf_counter() - start) * 1e3)
-        ratio = float(np.median(np.array(times["with"][1:]) / np.array(times["without"][1:])))
-        results[name] = {"with_ms": float(np.median(times["with"][1:])),
-                         "without_ms": float(np.median(times["without"][1:])),
-                         "paired_ratio": ratio, "times_ms": times}
-        print(f"{name:<38}{results[name]['with_ms']:9.1f}{results[name]['without_ms']:9.1f}"
-              f"{ratio:8.3f}")
+    jobs["16 prompts of 260 tokens (wall, ms)"] = (
+        [[rng.integers(0, 32000, 260).tolist() for _ in range(16)] for _ in range(2)], sp)
+    results = run_paired(engines, jobs, args.repeats)
     out = {"cpu": cpu_description(), "repeats": args.repeats,
            "executables": {k: llm.stats["executables_compiled"] for k, llm in engines.items()},
            "results": results, "command": "python benchmarks/idle_decode_rows.py"}
