@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -14,6 +15,14 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxserve {
+
+// A spin-wait hint to the core (x86 `pause`; elsewhere a plain spin).
+inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+constexpr std::chrono::microseconds kSpinWait{200};
 
 // Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
 // The caller works too, so the call finishes even if the pool never runs a task.
@@ -42,6 +51,16 @@ inline void parallel_for(xla::ffi::ThreadPool& pool, int64_t total,
   // Schedule takes its task by value (forwarding a reference would not compile): a copy each.
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
+  // Equal shares finish close together: wait for the helpers spinning, for up to kSpinWait,
+  // before sleeping on the condition variable. Waking from it took tens of microseconds, 49
+  // products a decode step: the bench model's weights-only decode step went from 23.8-24.3 to
+  // 20.6-21.2 ms with a 100-2,000 us spin (500 spins of `pause`, ~20 us: no gain), its 528-row
+  // prefill products 3-5% faster (benchmarks/panels_layout.py --steps_only, 2-core VM).
+  const auto until = std::chrono::steady_clock::now() + kSpinWait;
+  while (st->done.load(std::memory_order_acquire) != st->total) {
+    for (int i = 0; i < 64; ++i) pause();
+    if (std::chrono::steady_clock::now() > until) break;
+  }
   std::unique_lock<std::mutex> lock(st->mu);
   st->cv.wait(lock, [&] { return st->done.load() == st->total; });
 }
