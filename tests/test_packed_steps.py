@@ -138,3 +138,38 @@ def test_light_steps_run_in_the_smallest_compiled_shape():
     np.testing.assert_allclose(got, [ref[i - 1, prompt[i]] for i in range(1, len(prompt))],
                                atol=1e-4)
     assert llm.stats["compiles_after_warmup"] == 0
+
+
+def test_steps_name_the_rows_they_use():
+    # Every batch's live_rows is (0, end of the last chunk, B, B + decodes): the native
+    # kernel computes those rows only. Steps here leave chunk rows and decode rows idle (72-row
+    # steps: 64 chunk rows + 8 decode slots, more than the kernel's 64-row skinny path), and
+    # the tokens still equal the dense reference's.
+    llm = _llm(chunk_size=64, max_chunk_seqs=8, chunk_align=4, max_decode_slots=8, page_size=4,
+               max_model_len=64)
+    seen = []
+    run = llm.engine.runner.run
+
+    def spy(exe, batch):
+        seen.append(batch)
+        return run(exe, batch)
+    llm.engine.runner.run = spy
+    try:
+        rng = np.random.default_rng(11)
+        prompts = [rng.integers(0, TINY.vocab_size, size=n).tolist() for n in (58, 5, 13)]
+        outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False, sampling_params=(
+            SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)))
+    finally:
+        llm.engine.runner.run = run
+    partial = 0
+    for batch in seen:
+        t, b = len(batch.token_ids), len(batch.prompt_targets)
+        sc = len(batch.q_starts) - (t - b)
+        ends = batch.q_starts[:sc] + batch.q_lens[:sc]
+        chunk_end = int(ends[batch.q_lens[:sc] > 0].max(initial=0))
+        decodes = int((batch.q_lens[sc:] > 0).sum())
+        assert list(batch.live_rows) == [0, chunk_end, b, b + decodes]
+        partial += 0 < chunk_end < b
+    assert partial, "some step left chunk rows idle"
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 3)

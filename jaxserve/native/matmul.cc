@@ -581,38 +581,42 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
 // output columns 16c..16c+15 (zero past N) of every input k, one 64-byte line per k, so a
 // panel is one contiguous [K, 16] block. Tall products read four panels in place as a 6 x 64
 // tile's weights (strip_tall_wide without the transpose into a filled panel, 4-5% of its
-// time); few-row products are run_oi's, vectorised over x's rows, but a 16-column tile's
-// weights are one stream, a line per k, instead of 16 rows of w read side by side. Each
+// time); in few-row products a 16-column tile's weights are one stream, a line per k (x
+// transposed once per call, as run_oi's), instead of 16 rows of w read side by side. Each
 // y[m, n] is the same FMA chain as on the other paths (k = 0..K-1 from 0): the same bits.
 constexpr int64_t kPanelWidth = 16;
 // A tile's weights are one stream: prefetched kP16Prefetch lines (k rows) ahead into L1 and 4x
-// that into L2. With 8 lines into L1 only, the weights-only decode step of the bench model was
-// 1.23x the [out, in] path's (its 16 row streams keep more misses in flight), 32: 1.08x, with
-// the L2 prefetch as well 0.98-1.0x (benchmarks/panels_layout.py).
+// that into L2 (benchmarks/panels_layout.py --steps_only, the weights-only decode step against
+// the [out, in] path's, whose 16 row streams keep more misses in flight): 8 lines into L1
+// only 1.23x, 32 1.08x, with the L2 prefetch as well 0.98-1.0x; then, with the tile below,
+// 16 or 64 lines ahead 1-3% slower than 32.
 constexpr int64_t kP16Prefetch = 32;
 
-// y[0:16, 0:cols] (rows outside `rows` untouched) = xt[0:K, 0:16]^T @ w[0:K, 0:cols].
+// y[0:nrows, 0:cols] = xt[0:K, 0:nrows]^T @ w[0:K, 0:cols]: the 16 columns in the lanes, one
+// accumulator per row of x, so each k's weights are one vector load of their line and x's are
+// broadcast from xt (L1/L2). With the rows in the lanes instead (run_oi's form, the 16 weights
+// broadcast one by one from the line, results scattered) the bench model's weights-only decode
+// step was 2-8% slower (benchmarks/panels_layout.py --steps_only): 16 loads waiting on each
+// missing line rather than one.
 inline void tile_p16(const float* xt, const float* w, int64_t k, float* y, int64_t ldy,
-                     __mmask16 rows, int64_t cols) {
-  __m512 acc[kPanelWidth];
+                     int64_t nrows, int64_t cols) {
+  __m512 acc[16];
 #pragma GCC unroll 16
-  for (int r = 0; r < kPanelWidth; ++r) acc[r] = _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
     _mm_prefetch(reinterpret_cast<const char*>(w + (kk + kP16Prefetch) * kPanelWidth),
                  _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + (kk + 4 * kP16Prefetch) * kPanelWidth),
                  _MM_HINT_T1);
-    const __m512 xk = _mm512_loadu_ps(xt + kk * 16);
+    const __m512 wk = _mm512_loadu_ps(w + kk * kPanelWidth);
 #pragma GCC unroll 16
-    for (int r = 0; r < kPanelWidth; ++r)
-      acc[r] = _mm512_fmadd_ps(xk, _mm512_set1_ps(w[kk * kPanelWidth + r]), acc[r]);
+    for (int i = 0; i < 16; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(xt[kk * 16 + i]), wk, acc[i]);
   }
-  const __m512i idx = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-      _mm512_set1_epi32(static_cast<int32_t>(ldy)));
+  const __mmask16 cm = mask_of(cols);
 #pragma GCC unroll 16
-  for (int r = 0; r < kPanelWidth; ++r)
-    if (r < cols) _mm512_mask_i32scatter_ps(y + r, rows, idx, acc[r], 4);
+  for (int i = 0; i < 16; ++i)
+    if (i < nrows) _mm512_mask_storeu_ps(y + i * ldy, cm, acc[i]);
 }
 
 // Columns [0, width) of y [m, ldy] from the panels at w (the strip's first), few rows.
@@ -620,7 +624,7 @@ inline void strip_p16(const float* xt, const float* w, int64_t k, float* y, int6
                       int64_t m, int64_t width) {
   for (int64_t c = 0; c < width; c += kPanelWidth)
     for (int64_t i0 = 0; i0 < m; i0 += 16)
-      tile_p16(xt + i0 * k, w + c * k, k, y + i0 * ldy + c, ldy, mask_of(m - i0),
+      tile_p16(xt + i0 * k, w + c * k, k, y + i0 * ldy + c, ldy, std::min<int64_t>(16, m - i0),
                std::min(kPanelWidth, width - c));
 }
 
