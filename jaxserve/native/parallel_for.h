@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -22,7 +23,15 @@ inline void pause() {
   __builtin_ia32_pause();
 #endif
 }
-constexpr std::chrono::microseconds kSpinWait{200};
+// How long the caller spins for its helpers (below): 200 us, or JAXSERVE_SPIN_US where set
+// (0: sleep at once; for benchmarks/spin_wait.py), read once.
+inline std::chrono::microseconds spin_wait() {
+  static const std::chrono::microseconds us{[] {
+    const char* env = std::getenv("JAXSERVE_SPIN_US");
+    return env ? std::atol(env) : 200L;
+  }()};
+  return us;
+}
 
 // Runs fn(i) for i in [0, total) on the pool and the calling thread; returns when all are done.
 // The caller works too, so the call finishes even if the pool never runs a task.
@@ -51,12 +60,12 @@ inline void parallel_for(xla::ffi::ThreadPool& pool, int64_t total,
   // Schedule takes its task by value (forwarding a reference would not compile): a copy each.
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
-  // Equal shares finish close together: wait for the helpers spinning, for up to kSpinWait,
-  // before sleeping on the condition variable. Waking from it took tens of microseconds, 49
-  // products a decode step: the bench model's weights-only decode step went from 23.8-24.3 to
-  // 20.6-21.2 ms with a 100-2,000 us spin (500 spins of `pause`, ~20 us: no gain), its 528-row
-  // prefill products 3-5% faster (benchmarks/panels_layout.py --steps_only, 2-core VM).
-  const auto until = std::chrono::steady_clock::now() + kSpinWait;
+  // Equal shares finish close together: wait for the helpers spinning, for up to spin_wait(),
+  // before sleeping on the condition variable. Waking from it takes tens of microseconds, 49
+  // products a decode step: spinning made the bench model's weights-only decode step 0.89x
+  // as long (23.2-24.1 -> 20.5-21.3 ms), its 528-row prefill products 0.98-0.99x
+  // (benchmarks/spin_wait.py; 2-core VM); spinning only ~20 us (500 `pause`s) gained nothing.
+  const auto until = std::chrono::steady_clock::now() + spin_wait();
   while (st->done.load(std::memory_order_acquire) != st->total) {
     for (int i = 0; i < 64; ++i) pause();
     if (std::chrono::steady_clock::now() > until) break;
