@@ -55,7 +55,7 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype="float32") -> nnx.State:
 
 
 # Products of at most this many rows use the native skinny matmul under `fused_native` and
-# `fused_in_out_native`:
+# `fused_in_out_native` (`fused_panels` runs every product on it):
 # decode steps of up to 64 sequences (weight-streaming bound); larger products are GEMMs, where
 # XLA's blocked dot does better.
 NATIVE_MATMUL_ROWS = 64

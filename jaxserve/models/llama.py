@@ -41,12 +41,13 @@ class WeightLayout:
     `native_rows` (CPU with AVX-512): products of at most this many rows (a decode step's) use
     the native skinny kernel (jaxserve/native/matmul.cc) instead of XLA's dot; 0 never. Decided
     by shape at trace time, so one executable uses one path per product. The kernel reads
-    either layout, with the same arithmetic; it streams `[out, in]` weights fastest (each
-    strip of output columns is one contiguous block of rows: 1.15-1.35x the `[in, out]` path's
-    weights-only decode step of 16 rows, benchmarks/results/decode_experiment.md), so the
-    float32 CPU default is `fused_native` (`fused`, `[out, in]`), where a tied head (the
-    embedding, `[vocab, hidden]`) runs on the kernel too. Not for bfloat16: that path widens
-    the weights one by one (0.4-0.75x), so bfloat16 stays on `fused_in_out_native`.
+    either layout, with the same arithmetic; it streams `[out, in]` weights faster than
+    `[in, out]` ones (each strip of output columns is one contiguous block of rows: 1.15-1.35x
+    the `[in, out]` path's weights-only decode step of 16 rows,
+    benchmarks/results/decode_experiment.md), and `panels` (below, the float32 CPU default
+    `fused_panels`) faster still; a tied head (the embedding, `[vocab, hidden]`) runs on the
+    kernel's `[out, in]` path. Not for bfloat16: the `[out, in]` path widens the weights one by
+    one (0.4-0.75x), so bfloat16 stays on `fused_in_out_native`.
 
     `row_invariant` (`EngineConfig.batch_invariant`): every product, whatever its rows, runs
     on the native kernel (either layout), whose rows do not depend on each other, so a row's
