@@ -189,6 +189,34 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// x [m, k] as row tiles of 16, transposed: xt[(t * k + kk) * 16 + i] = x[(16t + i) * k + kk],
+// zero past m; 16 x 16 blocks through registers (copied one float at a time, the transpose
+// took 5-20 us of each decode-sized product, alone on one core before the product starts),
+// into this thread's buffer, kept from call to call (a fresh 128 KiB one is a new mapping
+// and its page faults each time). Valid until this thread's next call.
+inline const float* transposed_row_tiles(const float* x, int64_t m, int64_t k) {
+  thread_local std::vector<float> xt;
+  const int64_t tiles = (m + 15) / 16, k16 = k / 16 * 16;
+  xt.resize(tiles * k * 16);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t rows = std::min<int64_t>(16, m - 16 * t);
+    const float* src = x + 16 * t * k;
+    float* dst = xt.data() + t * k * 16;
+    for (int64_t kk = 0; kk < k16; kk += 16) {
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_loadu_ps(src + i * k + kk) : _mm512_setzero_ps();
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) _mm512_storeu_ps(dst + (kk + q) * 16, r[q]);
+    }
+    for (int64_t kk = k16; kk < k; ++kk)
+      for (int64_t i = 0; i < 16; ++i) dst[kk * 16 + i] = i < rows ? src[i * k + kk] : 0.0f;
+  }
+  return xt.data();
+}
+
 // The weights a panel covers, [kn, PW] from column c and weight row k0 on, either stored
 // [in, out] (kOutIn false, PW 32: w is the strip's first column, rows ldw apart; strip_tall) or
 // [out, in] (kOutIn true: w is the strip's first output row, rows k apart; strip_tall_wide),
@@ -561,14 +589,10 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
     });
     return;
   }
-  const int64_t tiles = (m + 15) / 16;
-  std::vector<float> xt(tiles * k * 16, 0.0f);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t kk = 0; kk < k; ++kk) xt[((i / 16) * k + kk) * 16 + i % 16] = x[i * k + kk];
+  const float* xtp = transposed_row_tiles(x, m, k);
   // Strips as the [in, out] path's, rounded to 8 columns (whole register tiles of kOiCols or 8).
   const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 7) / 8 * 8;
   const int64_t strips = (n + width - 1) / width;
-  const float* xtp = xt.data();
   jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
     strip_oi<T>(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
@@ -693,13 +717,8 @@ void run_panels(ffi::ThreadPool& pool, const float* x, const float* w, float* y,
     });
     return;
   }
-  // x transposed into row tiles of 16 (zero past m), as run_oi.
-  const int64_t tiles = (m + 15) / 16;
-  std::vector<float> xt(tiles * k * 16, 0.0f);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t kk = 0; kk < k; ++kk) xt[((i / 16) * k + kk) * 16 + i % 16] = x[i * k + kk];
+  const float* xtp = transposed_row_tiles(x, m, k);
   const int64_t width = (share + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
-  const float* xtp = xt.data();
   jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
     const int64_t n0 = s * width;
     strip_p16(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
