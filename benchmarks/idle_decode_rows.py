@@ -16,7 +16,6 @@ median of the paired ratios (with / without).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from jaxserve import SamplingParams  # noqa: E402
 from jaxserve.bench.machine import cpu_description  # noqa: E402
-from jaxserve.bench.paired import engine_llm, run_paired  # noqa: E402
+from jaxserve.bench.paired import arg_parser, engine_llm, run_paired  # noqa: E402
 from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.config import EngineConfig  # noqa: E402
 
@@ -40,12 +39,7 @@ class ChunkSizeOnly(EngineConfig):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/tmp/bench_model",
-                    help="a folder from jaxserve-make-bench-model")
-    ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--json_out", default=str(ROOT / "benchmarks/results/idle_decode_rows.json"))
-    args = ap.parse_args()
+    args = arg_parser(ROOT / "benchmarks/results/idle_decode_rows.json").parse_args()
     opts = dict(chunk_size=512, max_decode_slots=16, enable_prefix_caching=False)
     engines = {"with": engine_llm(args.model, EngineConfig(**opts)),
                "without": engine_llm(args.model, ChunkSizeOnly(**opts))}

@@ -15,7 +15,6 @@ first dropped) and the median of the paired ratios (live / all rows).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -26,18 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxserve.bench.machine import cpu_description  # noqa: E402
-from jaxserve.bench.paired import engine_llm, run_paired, standard_jobs  # noqa: E402
+from jaxserve.bench.paired import arg_parser, engine_llm, run_paired, standard_jobs  # noqa: E402
 from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.config import EngineConfig  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/tmp/bench_model",
-                    help="a folder from jaxserve-make-bench-model")
-    ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--json_out", default=str(ROOT / "benchmarks/results/live_rows.json"))
-    args = ap.parse_args()
+    args = arg_parser(ROOT / "benchmarks/results/live_rows.json").parse_args()
     cfg = EngineConfig(chunk_size=512, max_decode_slots=16, enable_prefix_caching=False)
     live, every = engine_llm(args.model, cfg), engine_llm(args.model, cfg)
     run = every.engine.runner.run

@@ -4,8 +4,10 @@ idle_decode_rows.py, panels_engine.py)."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +16,17 @@ from jaxserve.bench.machine import cpu_line
 from jaxserve.config import EngineConfig
 from jaxserve.engine import Engine
 from jaxserve.llm import load_params
+
+
+def arg_parser(json_out: Path) -> argparse.ArgumentParser:
+    """The A/B scripts' flags: --model (a jaxserve-make-bench-model folder), --repeats,
+    --json_out (default `json_out`)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="/tmp/bench_model",
+                    help="a folder from jaxserve-make-bench-model")
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--json_out", default=str(json_out))
+    return ap
 
 
 def engine_llm(model: str, cfg: EngineConfig) -> LLM:
