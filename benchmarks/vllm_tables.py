@@ -47,8 +47,9 @@ def main(folder: str) -> None:
         dj, dv = _decode_step_ms(j, n), _decode_step_ms(v, n)
         rows.append(_row(f"  decode-only step, {n} sequences (ms, median)", dj, dv, "ms"))
         roof = j["roofline"]
+        # Three places: the target is 0.6, and 0.596 must not print as met.
         rows.append(f"|   decode MBU vs the read probe ({off['machine']['read_gbps']:.1f} GB/s) | "
-                    f"{roof['mbu_decode']:.2f} | {roof['mbu_decode'] * dj / dv:.2f} | |")
+                    f"{roof['mbu_decode']:.3f} | {roof['mbu_decode'] * dj / dv:.3f} | |")
         rows.append(f"|   useful-token fraction of mixed steps | "
                     f"{j['stats'].get('mixed_useful_token_fraction', float('nan')):.3f} | | |")
     pre = _load(folder, "prefill")
