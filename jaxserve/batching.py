@@ -103,9 +103,7 @@ def build_batch(out: SchedulerOutput, shape: AttentionShape, global_chunk_seqs: 
         fill(sc + j, b + j, seq, seq.num_computed, 1, True)
 
     want_top = any(x.seq.payload.params.logprobs for x in sampled)
-    chunk_end = max((row0 + work.length for work, row0 in zip(out.chunks, out.chunk_starts)),
-                    default=0)
-    live = np.array([0, chunk_end, b, b + len(decodes)], np.int32)
+    live = np.array([0, out.chunk_rows, b, b + len(decodes)], np.int32)
     batch = dataclasses.replace(batch, want_top_logprobs=np.bool_(want_top),
                                 any_samples=np.bool_(bool(sampled)), live_rows=live)
     return batch, SlotPlan(sampled=sampled, chunk_rows=chunk_rows)

@@ -304,9 +304,15 @@ inline std::vector<RowTile> row_tiles(const LiveRows& live, int64_t full, int64_
   return tiles;
 }
 
-// Tiles per row block, for `blocks` blocks sharing `tiles` evenly.
-inline int64_t tiles_per_block(int64_t tiles, int64_t blocks) {
-  return std::max<int64_t>(1, (tiles + blocks - 1) / std::max<int64_t>(1, blocks));
+// Tiles per row block of the 6 x 64 tall paths: blocks of equal size (whole row tiles), at
+// most kWideBlockM rows (defined below). 272 rows as 264 + 8 filled every panel again for 8 rows
+// (0.94x XLA's dot there; 2 x 138: 1.0x).
+inline int64_t wide_block_tiles(const std::vector<RowTile>& tiles, int64_t block_m) {
+  int64_t rows = 0;
+  for (const RowTile& t : tiles) rows += t.mr;
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+  const int64_t blocks = std::max<int64_t>(1, (rows + block_m - 1) / block_m);
+  return std::max<int64_t>(1, (nt + blocks - 1) / blocks);
 }
 
 // A prefetch of `lines` spread over a block's `tiles` row tiles: lines per tile, rounded up.
@@ -429,12 +435,8 @@ template <typename T>
 void strip_tall_wide(const float* x, const T* w, float* y, int64_t ldy,
                      const std::vector<RowTile>& tiles, int64_t k, int64_t width) {
   alignas(64) float panel[kWidePanelK * 64];
-  // Blocks of equal size (whole row tiles), at most kWideBlockM rows: 272 rows as 264 + 8
-  // filled every panel again for 8 rows (0.94x XLA's dot there; 2 x 138: 1.0x).
   const int64_t nt = static_cast<int64_t>(tiles.size());
-  int64_t rows = 0;
-  for (const RowTile& t : tiles) rows += t.mr;
-  const int64_t per_block = tiles_per_block(nt, (rows + kWideBlockM - 1) / kWideBlockM);
+  const int64_t per_block = wide_block_tiles(tiles, kWideBlockM);
   for (int64_t t0 = 0; t0 < nt; t0 += per_block) {
     const int64_t t1 = std::min(nt, t0 + per_block);
     for (int64_t k0 = 0; k0 < k; k0 += kWidePanelK) {
@@ -473,23 +475,26 @@ inline void zero_padding(float* y, int64_t m, int64_t n, const LiveRows& live) {
     if (e > s) std::memset(y + s * n, 0, sizeof(float) * (e - s) * n);
 }
 
+// Columns per strip before rounding to a path's tile width: strips of about kStrip columns,
+// their count a multiple of the workers so that every core streams the same share of the
+// weights (768 columns as 512 + 256 left one core idle a third of the time).
+inline int64_t strip_share(ffi::ThreadPool& pool, int64_t n) {
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
+  return (n + workers * rounds - 1) / (workers * rounds);
+}
+
 template <typename T>
 void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
          int64_t n, const LiveRows& live) {
-  // Strips of about kStrip columns, their count a multiple of the workers so that every core
-  // streams the same share of the weights (768 columns as 512 + 256 left one core idle a third
-  // of the time).
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
-  const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 31) / 32 * 32;
+  const int64_t width = (strip_share(pool, n) + 31) / 32 * 32;
   const int64_t strips = (n + width - 1) / width;
   if (m > kTallRows) {
     zero_padding(y, m, n, live);
     const std::vector<RowTile> tiles = row_tiles(live, kTallTileM, kTileM);
-    const std::vector<RowTile>* tp = &tiles;
-    jaxserve::parallel_for(pool, strips, [=](int64_t s) {
+    jaxserve::parallel_for(pool, strips, [=, &tiles](int64_t s) {
       const int64_t n0 = s * width;
-      strip_tall<T>(x, w + n0, n, y + n0, n, *tp, k, std::min(width, n - n0));
+      strip_tall<T>(x, w + n0, n, y + n0, n, tiles, k, std::min(width, n - n0));
     });
     return;
   }
@@ -574,24 +579,22 @@ void strip_oi(const float* xt, const T* w, int64_t k, float* y, int64_t ldy, int
 template <typename T>
 void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m, int64_t k,
             int64_t n, const LiveRows& live) {
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
+  const int64_t share = strip_share(pool, n);
   if (m > kTallRows) {
     // Tall: 64-column panels copied transposed, 6 x 64 tiles (strip_tall_wide; same FMA chain
     // per y[m, n], so the same bits as the skinny path below).
-    const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 63) / 64 * 64;
+    const int64_t width = (share + 63) / 64 * 64;
     zero_padding(y, m, n, live);
     const std::vector<RowTile> tiles = row_tiles(live, kWideTileM, kWideTileM);
-    const std::vector<RowTile>* tp = &tiles;
-    jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
+    jaxserve::parallel_for(pool, (n + width - 1) / width, [=, &tiles](int64_t s) {
       const int64_t n0 = s * width;
-      strip_tall_wide<T>(x, w + n0 * k, y + n0, n, *tp, k, std::min(width, n - n0));
+      strip_tall_wide<T>(x, w + n0 * k, y + n0, n, tiles, k, std::min(width, n - n0));
     });
     return;
   }
   const float* xtp = transposed_row_tiles(x, m, k);
   // Strips as the [in, out] path's, rounded to 8 columns (whole register tiles of kOiCols or 8).
-  const int64_t width = ((n + workers * rounds - 1) / (workers * rounds) + 7) / 8 * 8;
+  const int64_t width = (share + 7) / 8 * 8;
   const int64_t strips = (n + width - 1) / width;
   jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
@@ -668,9 +671,7 @@ constexpr int64_t kPanelsK = 256;
 inline void strip_tall_p16(const float* x, const float* w, float* y, int64_t ldy,
                            const std::vector<RowTile>& tiles, int64_t k, int64_t width) {
   const int64_t nt = static_cast<int64_t>(tiles.size());
-  int64_t rows = 0;
-  for (const RowTile& t : tiles) rows += t.mr;
-  const int64_t per_block = tiles_per_block(nt, (rows + kWideBlockM - 1) / kWideBlockM);
+  const int64_t per_block = wide_block_tiles(tiles, kWideBlockM);
   for (int64_t t0 = 0; t0 < nt; t0 += per_block) {
     const int64_t t1 = std::min(nt, t0 + per_block);
     for (int64_t k0 = 0; k0 < k; k0 += kPanelsK) {
@@ -705,17 +706,14 @@ inline void strip_tall_p16(const float* x, const float* w, float* y, int64_t ldy
 
 void run_panels(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t m,
                 int64_t k, int64_t n, const LiveRows& live) {
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t rounds = std::max<int64_t>(1, (n + workers * kStrip - 1) / (workers * kStrip));
-  const int64_t share = (n + workers * rounds - 1) / (workers * rounds);
+  const int64_t share = strip_share(pool, n);
   if (m > kTallRows) {
     const int64_t width = (share + 63) / 64 * 64;
     zero_padding(y, m, n, live);
     const std::vector<RowTile> tiles = row_tiles(live, kWideTileM, kWideTileM);
-    const std::vector<RowTile>* tp = &tiles;
-    jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
+    jaxserve::parallel_for(pool, (n + width - 1) / width, [=, &tiles](int64_t s) {
       const int64_t n0 = s * width;
-      strip_tall_p16(x, w + n0 * k, y + n0, n, *tp, k, std::min(width, n - n0));
+      strip_tall_p16(x, w + n0 * k, y + n0, n, tiles, k, std::min(width, n - n0));
     });
     return;
   }
@@ -731,13 +729,13 @@ void run_panels(ffi::ThreadPool& pool, const float* x, const float* w, float* y,
 // The rows `live_rows` names, checked (see `live` at the top).
 ffi::Error live_of(ffi::Buffer<ffi::S32> live_rows, int64_t m, LiveRows& live) {
   if (live_rows.element_count() != 4)
-    return ffi::Error::InvalidArgument("skinny_matmul: live_rows must be s32[4]");
+    return ffi::Error::InvalidArgument("native matmul: live_rows must be s32[4]");
   const int32_t* lr = live_rows.typed_data();
   live = LiveRows{lr[0], lr[1], lr[2], lr[3]};
   if (!(0 <= live.s0 && live.s0 <= live.e0 && live.e0 <= live.s1 && live.s1 <= live.e1 &&
         live.e1 <= m))
     return ffi::Error::InvalidArgument(
-        "skinny_matmul: live_rows (s0, e0, s1, e1) need 0 <= s0 <= e0 <= s1 <= e1 <= M");
+        "native matmul: live_rows (s0, e0, s1, e1) need 0 <= s0 <= e0 <= s1 <= e1 <= M");
   return ffi::Error::Success();
 }
 

@@ -31,17 +31,24 @@ def skinny_matmul(x: jax.Array, w: jax.Array, out_in: bool = False,
     matmul_build.load()
     if x.dtype != w.dtype:
         raise ValueError(f"{x.dtype=} and {w.dtype=} must match")
-    lead, k = x.shape[:-1], x.shape[-1]
+    k = x.shape[-1]
     if w.ndim != 2 or w.shape[1 if out_in else 0] != k:
         want = "[N, K]" if out_in else "[K, N]"
         raise ValueError(f"{x.shape=} and {w.shape=}: want x [..., K] and w {want}")
     n = w.shape[0 if out_in else 1]
-    x2 = x.reshape(-1, k)
-    call = jax.ffi.ffi_call("jaxserve_skinny_matmul_out_in" if out_in else "jaxserve_skinny_matmul",
-                            jax.ShapeDtypeStruct((x2.shape[0], n), jax.numpy.float32))
+    target = "jaxserve_skinny_matmul_out_in" if out_in else "jaxserve_skinny_matmul"
+    return _product(target, x, w, n, live_rows)
+
+
+def _product(target: str, x: jax.Array, w: jax.Array, n: int,
+             live_rows: jax.Array | None) -> jax.Array:
+    """f32[..., n] from the kernel's FFI `target` on x's rows flattened, w and `live_rows`
+    (every row where None)."""
+    x2 = x.reshape(-1, x.shape[-1])
     if live_rows is None:
         live_rows = full_rows(x2.shape[0])
-    return call(x2, w, live_rows.astype(jax.numpy.int32)).reshape(*lead, n)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jax.numpy.float32))
+    return call(x2, w, live_rows.astype(jax.numpy.int32)).reshape(*x.shape[:-1], n)
 
 
 PANEL_WIDTH = 16  # output columns per panel of the `panels` layout
@@ -62,15 +69,10 @@ def panels_matmul(x: jax.Array, w: jax.Array, n: int,
     native kernel's `panels` path (matmul.cc: run_panels), the same bits as `skinny_matmul` on
     W itself; `live_rows` as there."""
     matmul_build.load()
-    lead, k = x.shape[:-1], x.shape[-1]
+    k = x.shape[-1]
     if x.dtype != jax.numpy.float32 or w.dtype != jax.numpy.float32:
         raise ValueError(f"{x.dtype=} and {w.dtype=}: the panels layout is float32 only")
     if w.ndim != 3 or w.shape[1:] != (k, PANEL_WIDTH) or w.shape[0] != -(-n // PANEL_WIDTH):
         raise ValueError(f"{x.shape=}, {w.shape=}, {n=}: want x [..., K] and w "
                          f"[ceil(n / {PANEL_WIDTH}), K, {PANEL_WIDTH}]")
-    x2 = x.reshape(-1, k)
-    if live_rows is None:
-        live_rows = full_rows(x2.shape[0])
-    call = jax.ffi.ffi_call("jaxserve_panels_matmul",
-                            jax.ShapeDtypeStruct((x2.shape[0], n), jax.numpy.float32))
-    return call(x2, w, live_rows.astype(jax.numpy.int32)).reshape(*lead, n)
+    return _product("jaxserve_panels_matmul", x, w, n, live_rows)
