@@ -612,35 +612,42 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
 // transposed once per call, as run_oi's), instead of 16 rows of w read side by side. Each
 // y[m, n] is the same FMA chain as on the other paths (k = 0..K-1 from 0): the same bits.
 constexpr int64_t kPanelWidth = 16;
-// A tile's weights are one stream: prefetched kP16Prefetch lines (k rows) ahead into L1 and 4x
-// that into L2 (benchmarks/panels_layout.py --steps_only, the weights-only decode step against
-// the [out, in] path's, whose 16 row streams keep more misses in flight): 8 lines into L1
-// only 1.23x, 32 1.08x, with the L2 prefetch as well 0.98-1.0x; then, with the tile below,
-// 16 or 64 lines ahead 1-3% slower than 32.
-constexpr int64_t kP16Prefetch = 32;
+// Few-row products walk a strip's panels kP16BlockK k rows at a time, all panels for one block
+// of k before the next, the accumulators kept in y in between (a float32 store and reload is
+// exact: the same FMA chain per y[m, n] as one pass over k). The point is x: a row tile's
+// transposed x is k x 64 B (48 KiB at k = 768, 128 KiB at 2,048), as much as the L1 or more,
+// and one pass over k per panel read it from L2 beside the weights for every panel; a block's
+// 16 KiB stays in L1 for all of them. The bench model's 49 decode products, chained
+// (benchmarks/decode_products.py, against the one-pass kernel in the same process): 0.93-0.95x
+// its time at 256 k rows; 192: 0.945x, 128: 0.965x, 512: 1.01x.
+constexpr int64_t kP16BlockK = 256;
+// Within a block, each k's weights are one line: prefetched kP16Prefetch lines ahead into L1;
+// the next panel's block (or the strip's first panel's next block) goes into L2 a line per k.
+// Without the L2 prefetch 0.6x as fast (a standalone copy of the loop); 32 lines into L1
+// instead of 16: the same time.
+constexpr int64_t kP16Prefetch = 16;
 
-// y[0:nrows, 0:cols] = xt[0:K, 0:nrows]^T @ w[0:K, 0:cols]: the 16 columns in the lanes, one
-// accumulator per row of x, so each k's weights are one vector load of their line and x's are
-// broadcast from xt (L1/L2). With the rows in the lanes instead (run_oi's form, the 16 weights
-// broadcast one by one from the line, results scattered) the bench model's weights-only decode
-// step was 2-8% slower (benchmarks/panels_layout.py --steps_only): 16 loads waiting on each
-// missing line rather than one.
-inline void tile_p16(const float* xt, const float* w, int64_t k, float* y, int64_t ldy,
-                     int64_t nrows, int64_t cols) {
+// acc[0:nrows] (y's rows, its 16 columns in the lanes) over the block's kn k rows: one
+// accumulator per row of x, each k's weights one vector load of their line, x's broadcast
+// from xt (L1). With the rows in the lanes instead (run_oi's form, the 16 weights broadcast
+// one by one from the line, results scattered) the bench model's weights-only decode step was
+// 2-8% slower (benchmarks/panels_layout.py --steps_only): 16 loads waiting on each missing
+// line rather than one.
+inline void tile_p16(const float* xt, const float* w, int64_t kn, float* y, int64_t ldy,
+                     int64_t nrows, __mmask16 cm, bool first, const float* next) {
   __m512 acc[16];
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
+  for (int i = 0; i < 16; ++i)
+    acc[i] = first || i >= nrows ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(cm, y + i * ldy);
+  for (int64_t kk = 0; kk < kn; ++kk) {
     _mm_prefetch(reinterpret_cast<const char*>(w + (kk + kP16Prefetch) * kPanelWidth),
                  _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + (kk + 4 * kP16Prefetch) * kPanelWidth),
-                 _MM_HINT_T1);
+    if (next) _mm_prefetch(reinterpret_cast<const char*>(next + kk * kPanelWidth), _MM_HINT_T1);
     const __m512 wk = _mm512_loadu_ps(w + kk * kPanelWidth);
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i)
       acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(xt[kk * 16 + i]), wk, acc[i]);
   }
-  const __mmask16 cm = mask_of(cols);
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i)
     if (i < nrows) _mm512_mask_storeu_ps(y + i * ldy, cm, acc[i]);
@@ -649,10 +656,20 @@ inline void tile_p16(const float* xt, const float* w, int64_t k, float* y, int64
 // Columns [0, width) of y [m, ldy] from the panels at w (the strip's first), few rows.
 inline void strip_p16(const float* xt, const float* w, int64_t k, float* y, int64_t ldy,
                       int64_t m, int64_t width) {
-  for (int64_t c = 0; c < width; c += kPanelWidth)
-    for (int64_t i0 = 0; i0 < m; i0 += 16)
-      tile_p16(xt + i0 * k, w + c * k, k, y + i0 * ldy + c, ldy, std::min<int64_t>(16, m - i0),
-               std::min(kPanelWidth, width - c));
+  const int64_t panels = (width + kPanelWidth - 1) / kPanelWidth;
+  for (int64_t k0 = 0; k0 < k; k0 += kP16BlockK) {
+    const int64_t kn = std::min(kP16BlockK, k - k0);
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* next = p + 1 < panels ? w + ((p + 1) * k + k0) * kPanelWidth
+                          : k0 + kn < k  ? w + (k0 + kn) * kPanelWidth
+                                         : nullptr;
+      const __mmask16 cm = mask_of(width - p * kPanelWidth);
+      for (int64_t i0 = 0; i0 < m; i0 += 16)
+        tile_p16(xt + (i0 * k + k0 * 16), w + (p * k + k0) * kPanelWidth, kn,
+                 y + i0 * ldy + p * kPanelWidth, ldy, std::min<int64_t>(16, m - i0), cm,
+                 k0 == 0, i0 == 0 ? next : nullptr);
+    }
+  }
 }
 
 // Columns [0, width) of y from the panels at w (the strip's first), for the rows of `tiles`.

@@ -1,0 +1,117 @@
+"""The native kernel's decode-sized products against a git revision's: the bench model's 49
+products of a decode step (12 layers' qkv, o, gate_up and down, then the vocabulary head; 400 MB
+of float32 weights in the `panels` layout, distinct weights, chained so each input depends on
+the last output) on 16 rows, the tree's kernel and the revision's alternating in one process.
+
+  python benchmarks/decode_products.py --baseline=REV [--rows=16] [--rounds=9]
+      [--json_out=benchmarks/results/decode_products.json]
+
+The revision's matmul.cc (and parallel_for.h) is built into the kernel cache and registered under
+a name of its own. Both give the same bits (asserted). Per-round ratios (tree / baseline time)
+and their median: the VM's speed drifts between rounds, not within one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.report import write_json  # noqa: E402
+from jaxserve.native import build, matmul_build  # noqa: E402
+from jaxserve.native.matmul import full_rows, to_panels  # noqa: E402
+
+LAYER = ((768, 1280), (768, 768), (768, 4096), (2048, 768))  # (K, N): qkv, o, gate_up, down
+HEAD = (768, 32000)
+SHAPES = [s for _ in range(12) for s in LAYER] + [HEAD]
+BASELINE_TARGET = "decode_products_baseline_panels"
+
+
+def register_baseline(revision: str) -> None:
+    """The kernel's sources at `revision`, built and registered as BASELINE_TARGET."""
+    lib = matmul_build.MATMUL
+    with tempfile.TemporaryDirectory() as src:
+        for name in lib.sources + lib.headers:
+            got = subprocess.run(["git", "show", f"{revision}:jaxserve/native/{name}"],
+                                 cwd=ROOT, capture_output=True, text=True, check=True)
+            Path(src, name).write_text(got.stdout)
+        path = build.library_path(Path(src), lib=lib)
+    import ctypes
+    handle = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(BASELINE_TARGET, jax.ffi.pycapsule(handle.JaxservePanelsMatmul),
+                                platform="cpu")
+
+
+def chain(target: str):
+    """The jitted step: every product through the FFI `target`, inputs chained."""
+    def f(x, ws):
+        outs = []
+        for (k, n), w in zip(SHAPES, ws):
+            h = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1] + 1))[:, :k]
+            call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((h.shape[0], n), jnp.float32))
+            y = call(h, w, full_rows(h.shape[0]))
+            outs.append(y[:, :8])
+            x = y[:, :768] * 0.5 if n >= 768 else x
+        return outs
+    return jax.jit(f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", required=True, help="git revision whose kernel to time too")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json_out", default=str(ROOT / "benchmarks/results/decode_products.json"))
+    args = ap.parse_args()
+    print(cpu_line())
+    matmul_build.load()
+    register_baseline(args.baseline)
+    rng = np.random.default_rng(0)
+    ws = [to_panels(jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32))
+          for k, n in SHAPES]
+    x = jnp.asarray(rng.standard_normal((args.rows, 768)), jnp.float32)
+    runs = {"tree": chain("jaxserve_panels_matmul"), "baseline": chain(BASELINE_TARGET)}
+    outs = {name: jax.block_until_ready(f(x, ws)) for name, f in runs.items()}
+    for a, b in zip(outs["tree"], outs["baseline"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, f in runs.items():
+            t = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(x, ws))
+                t.append(time.perf_counter() - t0)
+            times[name].append(float(np.median(t)))
+    nbytes = sum(4 * k * (-(-n // 16) * 16) for k, n in SHAPES)
+    ratios = np.array(times["tree"]) / np.array(times["baseline"])
+    result = {"cpu": cpu_description(), "rows": args.rows, "baseline_revision": args.baseline,
+              "rounds": args.rounds, "reps": args.reps, "weight_bytes": nbytes,
+              "ms": {n: 1e3 * float(np.median(t)) for n, t in times.items()},
+              "gbps": {n: nbytes / float(np.median(t)) / 1e9 for n, t in times.items()},
+              "ratio_median": float(np.median(ratios)), "ratios": ratios.tolist(),
+              "times_s": times, "bit_identical": True,
+              "command": "python benchmarks/decode_products.py " + " ".join(sys.argv[1:])}
+    print(f"{'kernel':<10}{'ms':>8}{'GB/s':>8}")
+    for name in runs:
+        print(f"{name:<10}{result['ms'][name]:8.2f}{result['gbps'][name]:8.1f}")
+    print(f"tree / baseline: median {result['ratio_median']:.3f} "
+          f"(rounds {', '.join(f'{r:.3f}' for r in ratios)}); bit-identical")
+    if args.json_out:
+        write_json(args.json_out, result)
+
+
+if __name__ == "__main__":
+    main()
