@@ -84,15 +84,16 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
-def sample(logits: jax.Array, p: SamplingInputs, num_top: int, want_top: jax.Array = True
-           ) -> SampleOutput:
+def sample(logits: jax.Array, p: SamplingInputs, num_top: int, want_top: jax.Array = True,
+           greedy_fn=greedy_tokens) -> SampleOutput:
     """logits f32[S, V] -> the sampled token per slot and its logprobs (top `num_top` too,
-    when `want_top`: a top-k over the vocabulary every step is not free on a CPU)."""
+    when `want_top`: a top-k over the vocabulary every step is not free on a CPU).
+    `greedy_fn`: `greedy_tokens` or a kernel giving the same indices (the native CPU one)."""
     logits = logits.astype(jnp.float32)
     # logprob = logit - logsumexp: materializing log_softmax over [S, vocab] cost a decode
     # step ~4 ms on the CPU for the one value per row (and top-k) that is read from it.
     lse = jax.nn.logsumexp(logits, axis=-1)
-    greedy = greedy_tokens(logits)
+    greedy = greedy_fn(logits)
     # The sort costs far more than the model's last layer on a small vocab: skip it when every
     # slot is greedy, which is the common offline-evaluation case.
     tokens = jax.lax.cond(

@@ -24,7 +24,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.kv_cache import KVCache
 from jaxserve.models.functional import bind
 from jaxserve.models.llama import WeightLayout
-from jaxserve.sampling import SampleOutput, SamplingInputs, sample
+from jaxserve.sampling import SampleOutput, SamplingInputs, greedy_tokens, sample
 
 
 @jax.tree_util.register_dataclass
@@ -116,6 +116,9 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
     token_ids = jnp.where(batch.prev_index >= 0,
                           prev_tokens[jnp.maximum(batch.prev_index, 0)], batch.token_ids)
     attend_pages = attention_fn(backend, shape, interpret=interpret)
+    greedy_fn = greedy_tokens
+    if backend == "cpu":  # with the native attention, the native greedy kernel (same indices)
+        from jaxserve.native.greedy import greedy_tokens as greedy_fn
     page = batch.slot_mapping // shape.page_size
     offset = batch.slot_mapping % shape.page_size
 
@@ -133,7 +136,7 @@ def step_fn(params: nnx.State, cache: KVCache, batch: StepBatch, prev_tokens: ja
 
     def sampled():
         return sample(model.logits(hidden[batch.sample_index]), batch.sampling, num_top,
-                      batch.want_top_logprobs)
+                      batch.want_top_logprobs, greedy_fn=greedy_fn)
 
     out = jax.lax.cond(batch.any_samples, sampled, lambda: jax.tree.map(
         lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(sampled)))

@@ -171,5 +171,8 @@ def test_steps_name_the_rows_they_use():
         assert list(batch.live_rows) == [0, chunk_end, b, b + decodes]
         partial += 0 < chunk_end < b
     assert partial, "some step left chunk rows idle"
+    # With the native attention, every step's greedy tokens come from the native kernel too.
+    for exe, _ in llm.engine.runner.executables.all():
+        assert "jaxserve_greedy" in exe.as_text()
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 3)

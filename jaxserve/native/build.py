@@ -45,6 +45,9 @@ ATTENTION = Library(
     sources=("paged_attention.cc", "paged_attention_f32.cc", "paged_attention_bf16.cc"),
     headers=("paged_attention_kernels.h", "parallel_for.h"), flags=_FLAGS,
     targets=(("jaxserve_paged_attention", "JaxservePagedAttention"),))
+# The step's greedy tokens (greedy.cc), used with the native attention.
+GREEDY = Library(name="greedy", sources=("greedy.cc",), headers=(), flags=_FLAGS,
+                 targets=(("jaxserve_greedy", "JaxserveGreedy"),))
 
 
 class NativeBuildError(RuntimeError):
@@ -158,5 +161,7 @@ def load_library(lib: Library) -> None:
 
 
 def load() -> None:
-    """The attention kernel, built and registered (see `load_library`)."""
+    """The native CPU step kernels other than the matmul (attention, greedy tokens), built and
+    registered (see `load_library`)."""
     load_library(ATTENTION)
+    load_library(GREEDY)
