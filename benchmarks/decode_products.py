@@ -7,7 +7,8 @@ the last output) on 16 rows, the tree's kernel and the revision's alternating in
       [--json_out=benchmarks/results/decode_products.json]
 
 The revision's matmul.cc (and parallel_for.h) is built into the kernel cache and registered under
-a name of its own. Both give the same bits (asserted). Per-round ratios (tree / baseline time)
+a name of its own; its weights are converted by the revision's own `to_panels` (the layout may
+have changed). Both give the same bits (asserted). Per-round ratios (tree / baseline time)
 and their median: the VM's speed drifts between rounds, not within one.
 """
 
@@ -53,6 +54,15 @@ def register_baseline(revision: str) -> None:
                                 platform="cpu")
 
 
+def baseline_to_panels(revision: str):
+    """The revision's `to_panels` (jaxserve/native/matmul.py at `revision`)."""
+    source = subprocess.run(["git", "show", f"{revision}:jaxserve/native/matmul.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    namespace = {"__name__": "baseline_matmul"}
+    exec(compile(source, f"{revision}:matmul.py", "exec"), namespace)
+    return namespace["to_panels"]
+
+
 def chain(target: str):
     """The jitted step: every product through the FFI `target`, inputs chained."""
     def f(x, ws):
@@ -79,11 +89,14 @@ def main() -> None:
     matmul_build.load()
     register_baseline(args.baseline)
     rng = np.random.default_rng(0)
-    ws = [to_panels(jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32))
-          for k, n in SHAPES]
+    w_out_in = [jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32)
+                for k, n in SHAPES]
+    weights = {"tree": [to_panels(w) for w in w_out_in],
+               "baseline": [baseline_to_panels(args.baseline)(w) for w in w_out_in]}
+    del w_out_in
     x = jnp.asarray(rng.standard_normal((args.rows, 768)), jnp.float32)
     runs = {"tree": chain("jaxserve_panels_matmul"), "baseline": chain(BASELINE_TARGET)}
-    outs = {name: jax.block_until_ready(f(x, ws)) for name, f in runs.items()}
+    outs = {name: jax.block_until_ready(f(x, weights[name])) for name, f in runs.items()}
     for a, b in zip(outs["tree"], outs["baseline"]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     times = {name: [] for name in runs}
@@ -92,7 +105,7 @@ def main() -> None:
             t = []
             for _ in range(args.reps):
                 t0 = time.perf_counter()
-                jax.block_until_ready(f(x, ws))
+                jax.block_until_ready(f(x, weights[name]))
                 t.append(time.perf_counter() - t0)
             times[name].append(float(np.median(t)))
     nbytes = sum(4 * k * (-(-n // 16) * 16) for k, n in SHAPES)

@@ -171,6 +171,18 @@ def test_panels_layout_shape_and_errors():
     p = np.asarray(to_panels(w))
     assert p.shape == (3, 3, 16)
     assert p[2, 1, 2] == w[34, 1] and (p[2, :, 3:] == 0).all()  # column 16c + j at [c, k, j]
+    # Deeper than a block (256 input rows): the lines go block by block, each block's pieces
+    # panel after panel; line (c, k) of block b = k // 256 sits at 256 * b * P + c * kn + k % 256.
+    n, k = 40, 600
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((n, k)), jnp.float32)
+    lines = np.asarray(to_panels(w)).reshape(-1, 16)
+    P = 3
+    for c, kk in [(0, 0), (1, 255), (2, 256), (0, 511), (1, 512), (2, 599)]:
+        b, kn = kk // 256, min(256, k - kk // 256 * 256)
+        line = lines[256 * b * P + c * kn + kk % 256]
+        cols = min(16, n - 16 * c)
+        np.testing.assert_array_equal(line[:cols], np.asarray(w)[16 * c:16 * c + cols, kk])
+        assert (line[cols:] == 0).all()
     x = jnp.ones((4, 3), jnp.float32)
     with pytest.raises(ValueError, match="float32 only"):
         panels_matmul(x.astype(jnp.bfloat16), to_panels(w), 35)

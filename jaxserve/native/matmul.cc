@@ -604,35 +604,56 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
 }
 
 
-// The `panels` layout (`fused_panels`): float32 w [P, K, 16], P = ceil(N / 16), panel c holding
-// output columns 16c..16c+15 (zero past N) of every input k, one 64-byte line per k, so a
-// panel is one contiguous [K, 16] block. Tall products read four panels in place as a 6 x 64
-// tile's weights (strip_tall_wide without the transpose into a filled panel, 4-5% of its
-// time); in few-row products a 16-column tile's weights are one stream, a line per k (x
-// transposed once per call, as run_oi's), instead of 16 rows of w read side by side. Each
-// y[m, n] is the same FMA chain as on the other paths (k = 0..K-1 from 0): the same bits.
+// The `panels` layout (`fused_panels`): float32 w of P x K lines of 16 (stored [P, K, 16]),
+// P = ceil(N / 16): panel c holds output columns 16c..16c+15 (zero past N), one 64-byte line
+// per input k. The lines are stored in blocks of kPanelBlockK k rows: block b holds every
+// panel's piece of k rows [256b, 256b + kn) (kn = 256 but for the last block), panel after
+// panel, so a panel's piece is a contiguous [kn, 16] and the pieces of consecutive panels
+// follow each other (jaxserve.native.matmul.to_panels builds it). Both paths read k in these
+// blocks, so each reads the weights as contiguous runs of several panels' pieces: stored panel
+// after panel ([P, K, 16] in order) they were 16 KiB pieces K x 64 B apart: blocked, the bench
+// model's 49 products chained (benchmarks/decode_products.py, both layouts in one process) take
+// 0.965x the time at 16 rows and 0.956x at 528. Tall products
+// read four panels' pieces in place as a 6 x 64 tile's weights (strip_tall_wide without the
+// transpose into a filled panel, 4-5% of its time); in few-row products a 16-column tile's
+// weights are one stream, a line per k (x transposed once per call, as run_oi's), instead of
+// 16 rows of w read side by side. Each y[m, n] is the same FMA chain as on the other paths
+// (k = 0..K-1 from 0): the same bits.
 constexpr int64_t kPanelWidth = 16;
-// Few-row products walk a strip's panels kP16BlockK k rows at a time, all panels for one block
-// of k before the next, the accumulators kept in y in between (a float32 store and reload is
-// exact: the same FMA chain per y[m, n] as one pass over k). The point is x: a row tile's
-// transposed x is k x 64 B (48 KiB at k = 768, 128 KiB at 2,048), as much as the L1 or more,
-// and one pass over k per panel read it from L2 beside the weights for every panel; a block's
-// 16 KiB stays in L1 for all of them. The bench model's 49 decode products, chained
-// (benchmarks/decode_products.py, against the one-pass kernel in the same process): 0.93-0.95x
-// its time at 256 k rows; 192: 0.945x, 128: 0.965x, 512: 1.01x.
-constexpr int64_t kP16BlockK = 256;
+// 256 k rows: a tall tile call's four pieces are 64 KiB (more than the 48 KiB L1: they stream
+// from L2, where the next ones are prefetched meanwhile; twice strip_tall_wide's 128 k rows,
+// which halves the accumulators' loads and stores). On a chain of the bench model's 48 layer
+// products at 528 rows (weights from memory), against the [out, in] path
+// (benchmarks/panels_layout.py, same process, layout then panel after panel): blocks of 128 k
+// rows 0.95-0.96x its time, 256 0.90-0.92x, 384-768 0.91-0.93x. In few-row products a row
+// tile's transposed x for one block is 16 KiB and stays in L1 for all the strip's panels (one
+// pass over k per panel read all of x, 48-128 KiB, from L2 for each): the bench model's 49
+// decode products chained (benchmarks/decode_products.py) 0.93-0.95x the one-pass time at 256
+// k rows; 192: 0.945x, 128: 0.965x, 512: 1.01x.
+constexpr int64_t kPanelBlockK = 256;
+
+struct PanelsLayout {
+  const float* w;
+  int64_t panels, k;
+  // Panel p's piece of the k block starting at k0: min(kPanelBlockK, k - k0) lines.
+  const float* piece(int64_t k0, int64_t p) const {
+    return w + (k0 * panels + p * std::min(kPanelBlockK, k - k0)) * kPanelWidth;
+  }
+};
+
 // Within a block, each k's weights are one line: prefetched kP16Prefetch lines ahead into L1;
-// the next panel's block (or the strip's first panel's next block) goes into L2 a line per k.
+// the next panel's piece (or the strip's first panel's next one) goes into L2 a line per k.
 // Without the L2 prefetch 0.6x as fast (a standalone copy of the loop); 32 lines into L1
 // instead of 16: the same time.
 constexpr int64_t kP16Prefetch = 16;
 
-// acc[0:nrows] (y's rows, its 16 columns in the lanes) over the block's kn k rows: one
+// acc[0:nrows] (y's rows, its 16 columns in the lanes) over one piece's kn k rows: one
 // accumulator per row of x, each k's weights one vector load of their line, x's broadcast
-// from xt (L1). With the rows in the lanes instead (run_oi's form, the 16 weights broadcast
-// one by one from the line, results scattered) the bench model's weights-only decode step was
-// 2-8% slower (benchmarks/panels_layout.py --steps_only): 16 loads waiting on each missing
-// line rather than one.
+// from xt (L1); the sums start at 0 (`first`) or from y, and go back to y (a float32 store
+// and reload is exact: the same FMA chain per y[m, n] as one pass over k). With the rows in
+// the lanes instead (run_oi's form, the 16 weights broadcast one by one from the line, results
+// scattered) the bench model's weights-only decode step was 2-8% slower
+// (benchmarks/panels_layout.py --steps_only): 16 loads waiting on each missing line, not one.
 inline void tile_p16(const float* xt, const float* w, int64_t kn, float* y, int64_t ldy,
                      int64_t nrows, __mmask16 cm, bool first, const float* next) {
   __m512 acc[16];
@@ -653,65 +674,56 @@ inline void tile_p16(const float* xt, const float* w, int64_t kn, float* y, int6
     if (i < nrows) _mm512_mask_storeu_ps(y + i * ldy, cm, acc[i]);
 }
 
-// Columns [0, width) of y [m, ldy] from the panels at w (the strip's first), few rows.
-inline void strip_p16(const float* xt, const float* w, int64_t k, float* y, int64_t ldy,
+// Columns [16 p0, 16 p0 + width) of y [m, ldy] (y: the first of them), few rows: block by
+// block of k, every panel of the strip.
+inline void strip_p16(const float* xt, const PanelsLayout& w, int64_t p0, float* y, int64_t ldy,
                       int64_t m, int64_t width) {
-  const int64_t panels = (width + kPanelWidth - 1) / kPanelWidth;
-  for (int64_t k0 = 0; k0 < k; k0 += kP16BlockK) {
-    const int64_t kn = std::min(kP16BlockK, k - k0);
-    for (int64_t p = 0; p < panels; ++p) {
-      const float* next = p + 1 < panels ? w + ((p + 1) * k + k0) * kPanelWidth
-                          : k0 + kn < k  ? w + (k0 + kn) * kPanelWidth
-                                         : nullptr;
-      const __mmask16 cm = mask_of(width - p * kPanelWidth);
+  const int64_t k = w.k, np = (width + kPanelWidth - 1) / kPanelWidth;
+  for (int64_t k0 = 0; k0 < k; k0 += kPanelBlockK) {
+    const int64_t kn = std::min(kPanelBlockK, k - k0);
+    for (int64_t q = 0; q < np; ++q) {
+      const float* wp = w.piece(k0, p0 + q);
+      const float* next = q + 1 < np     ? wp + kn * kPanelWidth
+                          : k0 + kn < k ? w.piece(k0 + kn, p0)
+                                        : nullptr;
+      const __mmask16 cm = mask_of(width - q * kPanelWidth);
       for (int64_t i0 = 0; i0 < m; i0 += 16)
-        tile_p16(xt + (i0 * k + k0 * 16), w + (p * k + k0) * kPanelWidth, kn,
-                 y + i0 * ldy + p * kPanelWidth, ldy, std::min<int64_t>(16, m - i0), cm,
-                 k0 == 0, i0 == 0 ? next : nullptr);
+        tile_p16(xt + (i0 * k + k0 * 16), wp, kn, y + i0 * ldy + q * kPanelWidth, ldy,
+                 std::min<int64_t>(16, m - i0), cm, k0 == 0, i0 == 0 ? next : nullptr);
     }
   }
 }
 
-// Columns [0, width) of y from the panels at w (the strip's first), for the rows of `tiles`.
-// As strip_tall_wide, but the weights are read in place: a 6 x 64 tile's are four panels'
-// kn-long pieces, kPanelsK k rows of them (kn x 64 x 4 B = 64 KiB, more than the 48 KiB L1:
-// they stream from L2, where the next ones are prefetched meanwhile; twice as many k rows per
-// tile call as strip_tall_wide's 128 halve the accumulators' loads and stores). On a chain of
-// the bench model's 48 layer products at 528 rows (weights from memory), against the [out, in]
-// path (benchmarks/panels_layout.py, same process): panels of 128 k rows 0.95-0.96x its time,
-// 256 0.90-0.92x, 384-768 0.91-0.93x; row blocks of 132 or 528 instead of 264, and
-// prefetching two panels ahead, slower. The loop nest is strip_tall_wide's; one shared nest with
-// the panel and its prefetch passed in as lambdas measured 1.5-4% slower on both paths (four
-// alternating pairs of the chain above), so each keeps its own.
-constexpr int64_t kPanelsK = 256;
-
-inline void strip_tall_p16(const float* x, const float* w, float* y, int64_t ldy,
-                           const std::vector<RowTile>& tiles, int64_t k, int64_t width) {
-  const int64_t nt = static_cast<int64_t>(tiles.size());
+// Columns [16 p0, 16 p0 + width) of y (y: the first of them), for the rows of `tiles`. As
+// strip_tall_wide, but the weights are read in place. Row blocks of 132 or 528 rows instead of
+// 264, and prefetching two panels ahead, were slower. The loop nest is strip_tall_wide's; one
+// shared nest with the panel and its prefetch passed in as lambdas measured 1.5-4% slower on
+// both paths (four alternating pairs of the chain above), so each keeps its own.
+inline void strip_tall_p16(const float* x, const PanelsLayout& w, int64_t p0, float* y,
+                           int64_t ldy, const std::vector<RowTile>& tiles, int64_t width) {
+  const int64_t k = w.k, nt = static_cast<int64_t>(tiles.size());
   const int64_t per_block = wide_block_tiles(tiles, kWideBlockM);
   for (int64_t t0 = 0; t0 < nt; t0 += per_block) {
     const int64_t t1 = std::min(nt, t0 + per_block);
-    for (int64_t k0 = 0; k0 < k; k0 += kPanelsK) {
-      const int64_t kn = std::min(kPanelsK, k - k0);
+    for (int64_t k0 = 0; k0 < k; k0 += kPanelBlockK) {
+      const int64_t kn = std::min(kPanelBlockK, k - k0);
       for (int64_t c = 0; c < width; c += 64) {
         const int64_t cols = std::min<int64_t>(64, width - c);
         __mmask16 mk[4];
         for (int v = 0; v < 4; ++v) mk[v] = mask_of(cols - 16 * v);
-        const PackedPanels panel{w + c * k + k0 * kPanelWidth, k * kPanelWidth};
-        // The next tile's panels (next.kn lines each), into L2 a few lines per row tile
-        // (without: 2-3% slower on the chain above).
-        const PanelPos next = next_panel(k0, c, k, width, kPanelsK, 64);
+        const PackedPanels panel{w.piece(k0, p0 + c / kPanelWidth), kn * kPanelWidth};
+        // The next tile's pieces (contiguous: next.kn lines each), into L2 a few lines per row
+        // tile (without: 2-3% slower on the chain above).
+        const PanelPos next = next_panel(k0, c, k, width, kPanelBlockK, 64);
         const int64_t npanels =
             next.kn ? (std::min<int64_t>(64, width - next.c) + kPanelWidth - 1) / kPanelWidth
                     : 0;
+        const float* next_w = npanels ? w.piece(next.k0, p0 + next.c / kPanelWidth) : nullptr;
         const int64_t lines = npanels * next.kn, per = lines_per_tile(lines, t1 - t0);
         int64_t pf = 0;
         for (int64_t t = t0; t < t1; ++t) {
           for (const int64_t e = std::min(lines, pf + per); pf < e; ++pf)
-            _mm_prefetch(reinterpret_cast<const char*>(
-                             w + (next.c + (pf / next.kn) * kPanelWidth) * k +
-                             (next.k0 + pf % next.kn) * kPanelWidth),
-                         _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(next_w + pf * kPanelWidth), _MM_HINT_T1);
           const auto [i0, mr] = tiles[t];
           wide_tile_for<PackedPanels>(mr, cols)(x + i0 * k + k0, k, panel, y + i0 * ldy + c,
                                                 ldy, kn, mk, k0 == 0);
@@ -724,21 +736,22 @@ inline void strip_tall_p16(const float* x, const float* w, float* y, int64_t ldy
 void run_panels(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t m,
                 int64_t k, int64_t n, const LiveRows& live) {
   const int64_t share = strip_share(pool, n);
+  const PanelsLayout layout{w, (n + kPanelWidth - 1) / kPanelWidth, k};
   if (m > kTallRows) {
     const int64_t width = (share + 63) / 64 * 64;
     zero_padding(y, m, n, live);
     const std::vector<RowTile> tiles = row_tiles(live, kWideTileM, kWideTileM);
-    jaxserve::parallel_for(pool, (n + width - 1) / width, [=, &tiles](int64_t s) {
+    jaxserve::parallel_for(pool, (n + width - 1) / width, [=, &tiles, &layout](int64_t s) {
       const int64_t n0 = s * width;
-      strip_tall_p16(x, w + n0 * k, y + n0, n, tiles, k, std::min(width, n - n0));
+      strip_tall_p16(x, layout, n0 / kPanelWidth, y + n0, n, tiles, std::min(width, n - n0));
     });
     return;
   }
   const float* xtp = transposed_row_tiles(x, m, k);
   const int64_t width = (share + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
-  jaxserve::parallel_for(pool, (n + width - 1) / width, [=](int64_t s) {
+  jaxserve::parallel_for(pool, (n + width - 1) / width, [=, &layout](int64_t s) {
     const int64_t n0 = s * width;
-    strip_p16(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
+    strip_p16(xtp, layout, n0 / kPanelWidth, y + n0, n, m, std::min(width, n - n0));
   });
   zero_padding(y, m, n, live);
 }

@@ -52,15 +52,23 @@ def _product(target: str, x: jax.Array, w: jax.Array, n: int,
 
 
 PANEL_WIDTH = 16  # output columns per panel of the `panels` layout
+PANEL_BLOCK_K = 256  # input rows per block of the `panels` layout (matmul.cc: kPanelBlockK)
 
 
 def to_panels(w_out_in: jax.Array) -> jax.Array:
-    """w [N, K] ([out, in]) -> the `panels` layout [ceil(N / 16), K, 16]: panel c holds output
-    columns 16c..16c+15 (zeros past N) of every input k, 16 columns a 64-byte line."""
+    """w [N, K] ([out, in]) -> the `panels` layout, float32 [P, K, 16] in size, P = ceil(N / 16):
+    panel c holds output columns 16c..16c+15 (zeros past N) of every input k, 16 columns a
+    64-byte line, and the lines are stored in blocks of PANEL_BLOCK_K input rows: block b holds
+    every panel's [kn, 16] piece of rows [256b, 256b + kn) (kn = 256 but for the last block),
+    panel after panel — the order the kernel reads them in. The [P, K, 16] shape is the storage
+    size only (it equals the panel-major order when K <= 256)."""
     n, k = w_out_in.shape
     p = -(-n // PANEL_WIDTH)
     padded = jax.numpy.pad(w_out_in, ((0, p * PANEL_WIDTH - n), (0, 0)))
-    return padded.reshape(p, PANEL_WIDTH, k).transpose(0, 2, 1)
+    panels = padded.reshape(p, PANEL_WIDTH, k).transpose(0, 2, 1)  # [P, K, 16] panel-major
+    blocks = [panels[:, k0:k0 + PANEL_BLOCK_K].reshape(-1, PANEL_WIDTH)
+              for k0 in range(0, k, PANEL_BLOCK_K)]
+    return jax.numpy.concatenate(blocks).reshape(p, k, PANEL_WIDTH)
 
 
 def panels_matmul(x: jax.Array, w: jax.Array, n: int,
