@@ -47,3 +47,14 @@ def test_native_greedy_keeps_leading_axes_and_refuses_other_dtypes():
     np.testing.assert_array_equal(got, x.argmax(-1))
     with pytest.raises(ValueError, match="float32"):
         native_greedy(jnp.asarray(x, jnp.bfloat16))
+
+
+def test_build_module_builds_every_native_kernel_ahead_of_time(capsys):
+    # `python -m jaxserve.native.build` (README): every kernel this CPU runs, into the cache.
+    import os
+    from jaxserve.native import build, matmul_build
+    build.main()
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert {"attention", "greedy", "matmul"} <= set(lines)
+    for name in ("attention", "greedy") + (("matmul",) if matmul_build.supported() else ()):
+        assert os.path.exists(lines[name]), name

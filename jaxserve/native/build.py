@@ -165,3 +165,18 @@ def load() -> None:
     registered (see `load_library`)."""
     load_library(ATTENTION)
     load_library(GREEDY)
+
+
+def main() -> None:
+    """`python -m jaxserve.native.build`: builds every native kernel this CPU can run into the
+    cache ahead of time (a first engine start-up then pays nothing) and prints where."""
+    from jaxserve.native import matmul_build
+    libs = [ATTENTION, GREEDY] + ([matmul_build.MATMUL] if matmul_build.supported() else [])
+    for lib in libs:
+        print(f"{lib.name}: {library_path(lib=lib)}")
+    if not matmul_build.supported():
+        print(f"matmul: not built (this CPU lacks {matmul_build.REQUIRED_FLAGS})")
+
+
+if __name__ == "__main__":
+    main()
