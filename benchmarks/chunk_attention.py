@@ -18,12 +18,9 @@ calls, in 3 rounds of consecutive calls per variant, so that a busy neighbour sl
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import math
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from jaxserve.bench import revision  # noqa: E402
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
 from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.bench.roofline import gemm_gflops  # noqa: E402
@@ -46,21 +44,14 @@ ROUNDS = 3
 
 
 def register(path: Path, target: str) -> None:
-    lib = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxservePagedAttention),
-                                platform="cpu")
+    """The attention library at `path`, its kernel registered as `target`."""
+    revision.register(path, "JaxservePagedAttention", target)
 
 
-def register_baseline(revision: str, target: str) -> None:
-    """Builds the attention kernel's sources at git `revision` (into the same cache) and
-    registers them under `target`, to time against the tree's."""
-    with tempfile.TemporaryDirectory() as src:
-        for name in build.ATTENTION.sources + build.ATTENTION.headers:
-            got = subprocess.run(["git", "show", f"{revision}:jaxserve/native/{name}"],
-                                 cwd=ROOT, capture_output=True, text=True)
-            if got.returncode == 0:  # a header newer than the baseline is not needed
-                Path(src, name).write_text(got.stdout)
-        register(build.library_path(Path(src)), target)
+def register_baseline(rev: str, target: str) -> None:
+    """The attention kernel's sources at git `rev`, built (into the same cache) and registered
+    under `target`, to time against the tree's."""
+    revision.register_at_revision(build.ATTENTION, rev, "JaxservePagedAttention", target)
 
 
 def kernel_fn(target: str):

@@ -9,7 +9,8 @@ the last output) on 16 rows, the tree's kernel and the revision's alternating in
 The revision's matmul.cc (and parallel_for.h) is built into the kernel cache and registered under
 a name of its own; its weights are converted by the revision's own `to_panels` (the layout may
 have changed). Both give the same bits (asserted). Per-round ratios (tree / baseline time)
-and their median: the VM's speed drifts between rounds, not within one.
+and their median: the VM's speed drifts between rounds, not within one; the two go first in
+alternate rounds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,30 +28,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from jaxserve.bench import revision  # noqa: E402
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
 from jaxserve.bench.report import write_json  # noqa: E402
-from jaxserve.native import build, matmul_build  # noqa: E402
+from jaxserve.native import matmul_build  # noqa: E402
 from jaxserve.native.matmul import full_rows, to_panels  # noqa: E402
 
 LAYER = ((768, 1280), (768, 768), (768, 4096), (2048, 768))  # (K, N): qkv, o, gate_up, down
 HEAD = (768, 32000)
 SHAPES = [s for _ in range(12) for s in LAYER] + [HEAD]
 BASELINE_TARGET = "decode_products_baseline_panels"
-
-
-def register_baseline(revision: str) -> None:
-    """The kernel's sources at `revision`, built and registered as BASELINE_TARGET."""
-    lib = matmul_build.MATMUL
-    with tempfile.TemporaryDirectory() as src:
-        for name in lib.sources + lib.headers:
-            got = subprocess.run(["git", "show", f"{revision}:jaxserve/native/{name}"],
-                                 cwd=ROOT, capture_output=True, text=True, check=True)
-            Path(src, name).write_text(got.stdout)
-        path = build.library_path(Path(src), lib=lib)
-    import ctypes
-    handle = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(BASELINE_TARGET, jax.ffi.pycapsule(handle.JaxservePanelsMatmul),
-                                platform="cpu")
 
 
 def baseline_to_panels(revision: str):
@@ -63,15 +49,16 @@ def baseline_to_panels(revision: str):
     return namespace["to_panels"]
 
 
-def chain(target: str):
-    """The jitted step: every product through the FFI `target`, inputs chained."""
+def chain(target: str, whole: bool = False):
+    """The jitted step: every product through the FFI `target`, inputs chained; it returns 8
+    columns of each product, or with `whole` every product whole (to compare the bits)."""
     def f(x, ws):
         outs = []
         for (k, n), w in zip(SHAPES, ws):
             h = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1] + 1))[:, :k]
             call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((h.shape[0], n), jnp.float32))
             y = call(h, w, full_rows(h.shape[0]))
-            outs.append(y[:, :8])
+            outs.append(y if whole else y[:, :8])
             x = y[:, :768] * 0.5 if n >= 768 else x
         return outs
     return jax.jit(f)
@@ -87,7 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     print(cpu_line())
     matmul_build.load()
-    register_baseline(args.baseline)
+    revision.register_at_revision(matmul_build.MATMUL, args.baseline, "JaxservePanelsMatmul",
+                                  BASELINE_TARGET)
     rng = np.random.default_rng(0)
     w_out_in = [jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32)
                 for k, n in SHAPES]
@@ -95,13 +83,18 @@ def main() -> None:
                "baseline": [baseline_to_panels(args.baseline)(w) for w in w_out_in]}
     del w_out_in
     x = jnp.asarray(rng.standard_normal((args.rows, 768)), jnp.float32)
-    runs = {"tree": chain("jaxserve_panels_matmul"), "baseline": chain(BASELINE_TARGET)}
-    outs = {name: jax.block_until_ready(f(x, weights[name])) for name, f in runs.items()}
-    for a, b in zip(outs["tree"], outs["baseline"]):
+    targets = {"tree": "jaxserve_panels_matmul", "baseline": BASELINE_TARGET}
+    whole = {name: chain(t, whole=True)(x, weights[name]) for name, t in targets.items()}
+    for a, b in zip(whole["tree"], whole["baseline"]):  # every column of every product
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    del whole
+    runs = {name: chain(t) for name, t in targets.items()}
+    for name, f in runs.items():
+        jax.block_until_ready(f(x, weights[name]))  # compile
     times = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, f in runs.items():
+    for r in range(args.rounds):
+        for name in (("tree", "baseline") if r % 2 == 0 else ("baseline", "tree")):
+            f = runs[name]
             t = []
             for _ in range(args.reps):
                 t0 = time.perf_counter()

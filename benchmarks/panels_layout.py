@@ -1,4 +1,4 @@
-"""The `panels` weight layout ([ceil(N/16), K, 16], `fused_panels`) against `[out, in]`
+"""The `panels` weight layout (`fused_panels`, `to_panels`) against `[out, in]`
 (`fused_native`) on the native kernel: the bench model's products at prefill size (528 rows,
 every layer product) and a weights-only decode step (16 rows, 12 layers' products and the
 vocabulary head, chained), the two layouts alternating in one process.

@@ -207,8 +207,9 @@ ATTENTION_BACKENDS = ("auto", "xla", "cpu", "pallas_tpu", "pallas_gpu")
 # fused_in_out: fused and stored [in, out]; fused_native and fused_in_out_native: fused ([out,
 # in], resp. [in, out]), with decode-sized products (<= 64 rows) on the native skinny matmul
 # (jaxserve/native/matmul.cc, AVX-512 CPUs), which streams float32 [out, in] weights fastest;
-# fused_panels: fused, stored as 16-column panels [ceil(out / 16), in, 16] that the native
-# kernel reads for every product (float32; prefill products 3-5% faster than fused_native's);
+# fused_panels: fused, stored as 16-column panels (shape [ceil(out / 16), in, 16], the lines in
+# blocks of 256 inputs: see native/matmul.py to_panels) that the native kernel reads for every
+# product (float32; prefill products 3-5% faster than fused_native's);
 # auto: on a CPU that can build it fused_panels (float32) or fused_in_out_native (bfloat16),
 # fused_in_out on another CPU, hf elsewhere.
 WEIGHT_LAYOUTS = ("auto", "hf", "fused", "fused_in_out", "fused_native", "fused_in_out_native",

@@ -147,12 +147,13 @@ def _panels(x, w_out_in, live=None):
 
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 64, 65, 100, 150])
 @pytest.mark.parametrize("k,n", [(200, 300), (37, 40), (130, 64), (129, 100), (16, 1),
-                                 (600, 72), (257, 33)])
+                                 (600, 72), (257, 33), (520, 4100)])
 def test_panels_layout_gives_the_out_in_bits(m, k, n):
     # The panels path (few rows: one stream per 16-column tile, 256 k rows at a time with the
     # sums kept in y between; tall: four panels read in place) against the [out, in] path: the
     # same FMA chain per output, so the same bits, for widths that leave a partial panel and a
-    # partial 64-column tile, and depths of one, two and three blocks of k (a last block of 1).
+    # partial 64-column tile, and depths of one, two and three blocks of k (a last block of 1);
+    # (520, 4100): strips of many panels and 64-column tiles past the first block of k.
     x, w = _operands(m, k, n, jnp.float32, seed=m * 7 + k)
     w_oi = jnp.asarray(np.ascontiguousarray(np.asarray(w).T))
     want = np.asarray(_skinny_out_in(x, w_oi))

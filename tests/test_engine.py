@@ -208,6 +208,9 @@ def test_grouped_decode_buckets_match_dense_reference():
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == dense_greedy(TINY, tiny_params(), prompt, 5), len(prompt)
+    # The reference attention keeps XLA's greedy tokens (the native kernel comes with `cpu`).
+    for exe, _ in llm.engine.runner.executables.all():
+        assert "jaxserve_greedy" not in exe.as_text()
 
 
 def test_outputs_are_snapshots_and_the_step_log_is_bounded(llm):

@@ -47,6 +47,8 @@ def test_native_greedy_keeps_leading_axes_and_refuses_other_dtypes():
     np.testing.assert_array_equal(got, x.argmax(-1))
     with pytest.raises(ValueError, match="float32"):
         native_greedy(jnp.asarray(x, jnp.bfloat16))
+    with pytest.raises(ValueError, match="at least one column"):  # argmax of nothing
+        native_greedy(jnp.zeros((2, 0), jnp.float32))
 
 
 def test_build_module_builds_every_native_kernel_ahead_of_time(capsys):

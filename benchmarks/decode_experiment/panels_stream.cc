@@ -12,7 +12,8 @@
 //   fma_l1    the 16 x 16 FMA tile over one 16 KiB panel piece that stays in L1, as many lines
 //             as the step has: what the arithmetic costs alone
 //   one_pass  the tile over each panel's whole k, panel after panel (prefetch 16 lines into L1,
-//             128 into L2): matmul.cc before session 8
+//             128 into L2): matmul.cc before session 8, which prefetched 32 lines into L1 (the
+//             same time in the engine's chain)
 //   k_blocks  the same layout walked 256 k rows at a time, every panel of the strip per block
 //             (x's block stays in L1; the next panel's piece prefetched into L2)
 //   blocked   k_blocks on the layout stored in that order (to_panels since session 8)

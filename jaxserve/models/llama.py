@@ -61,7 +61,8 @@ class WeightLayout:
     in_out: bool = False
     native_rows: int = 0
     row_invariant: bool = False
-    # Projections stored as 16-column panels [ceil(out / 16), in, 16] (`fused_panels`, float32
+    # Projections stored as 16-column panels, [ceil(out / 16), in, 16] in size, the lines in
+    # blocks of 256 inputs (`to_panels`; `fused_panels`, float32
     # on the native kernel only, which reads them for every product): a tall product reads
     # them in place where `[out, in]` needs each panel transposed (3-5% of a 528-row product),
     # and a decode product as fast (benchmarks/results/panels_layout.json).
@@ -79,8 +80,8 @@ _ALL_ROWS = 2**62
 
 def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0,
              live_rows: jax.Array | None = None, out_features: int | None = None) -> jax.Array:
-    """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out], or the `panels` layout's
-    [ceil(out / 16), in, 16], which needs `out_features`), f32 accumulation. Products of at
+    """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out], or the `panels` layout
+    (`to_panels`: [ceil(out / 16), in, 16] in size), which needs `out_features`), f32 accumulation. Products of at
     most `native_rows` rows (panels: all) run on the native kernel, which computes only
     `live_rows` (`skinny_matmul`; the others come back 0); XLA's dot computes every row."""
     if w.ndim == 3:

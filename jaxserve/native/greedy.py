@@ -17,6 +17,8 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     build.load_library(build.GREEDY)  # raises NativeBuildError where it cannot be built
     if logits.dtype != jnp.float32:
         raise ValueError(f"{logits.dtype=}: the native greedy kernel takes float32 logits")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{logits.shape=}: greedy tokens need at least one column of logits")
     rows = logits.reshape(-1, logits.shape[-1])
     call = jax.ffi.ffi_call("jaxserve_greedy", jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32))
     return call(rows).reshape(logits.shape[:-1])

@@ -630,7 +630,7 @@ constexpr int64_t kPanelWidth = 16;
 // pass over k per panel read all of x, 48-128 KiB, from L2 for each): the bench model's 49
 // decode products chained (benchmarks/decode_products.py) 0.93-0.95x the one-pass time at 256
 // k rows; 192: 0.945x, 128: 0.965x, 512: 1.01x.
-constexpr int64_t kPanelBlockK = 256;
+constexpr int64_t kPanelBlockK = 256;  // = matmul.py's PANEL_BLOCK_K (tests: K > 256 to the bit)
 
 struct PanelsLayout {
   const float* w;
@@ -777,7 +777,7 @@ ffi::Error panels_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[1] != xd[1] ||
       wd[2] != kPanelWidth || yd[0] != xd[0] || wd[0] != (yd[1] + kPanelWidth - 1) / kPanelWidth)
     return ffi::Error::InvalidArgument(
-        "panels_matmul: x [M, K], w [ceil(N / 16), K, 16] and y [M, N] expected");
+        "panels_matmul: x [M, K], w of [ceil(N / 16), K, 16] (to_panels) and y [M, N] expected");
   const int64_t m = xd[0], k = xd[1], n = yd[1];
   LiveRows live;
   if (ffi::Error e = live_of(live_rows, m, live); e.failure()) return e;
@@ -853,7 +853,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSkinnyMatmulOutIn, skinny_matmul<true>,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The same product with w in the `panels` layout, float32 [ceil(N / 16), K, 16]: see run_panels.
+// The same product with w in the `panels` layout (float32, [ceil(N / 16), K, 16] in size, stored in
+// blocks of kPanelBlockK inputs): see run_panels.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePanelsMatmul, panels_matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

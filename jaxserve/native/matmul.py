@@ -66,9 +66,13 @@ def to_panels(w_out_in: jax.Array) -> jax.Array:
     p = -(-n // PANEL_WIDTH)
     padded = jax.numpy.pad(w_out_in, ((0, p * PANEL_WIDTH - n), (0, 0)))
     panels = padded.reshape(p, PANEL_WIDTH, k).transpose(0, 2, 1)  # [P, K, 16] panel-major
-    blocks = [panels[:, k0:k0 + PANEL_BLOCK_K].reshape(-1, PANEL_WIDTH)
-              for k0 in range(0, k, PANEL_BLOCK_K)]
-    return jax.numpy.concatenate(blocks).reshape(p, k, PANEL_WIDTH)
+    # The full blocks in one transpose (a slice per block held every block and their
+    # concatenation at once), then the last, shorter block.
+    full = k // PANEL_BLOCK_K * PANEL_BLOCK_K
+    blocks = panels[:, :full].reshape(p, full // PANEL_BLOCK_K, PANEL_BLOCK_K, PANEL_WIDTH)
+    lines = [blocks.transpose(1, 0, 2, 3).reshape(-1, PANEL_WIDTH),
+             panels[:, full:].reshape(-1, PANEL_WIDTH)]
+    return jax.numpy.concatenate(lines).reshape(p, k, PANEL_WIDTH)
 
 
 def panels_matmul(x: jax.Array, w: jax.Array, n: int,
