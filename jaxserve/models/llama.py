@@ -80,10 +80,11 @@ _ALL_ROWS = 2**62
 
 def _dot_f32(x: jax.Array, w: jax.Array, in_out: bool, native_rows: int = 0,
              live_rows: jax.Array | None = None, out_features: int | None = None) -> jax.Array:
-    """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out], or the `panels` layout
-    (`to_panels`: [ceil(out / 16), in, 16] in size), which needs `out_features`), f32 accumulation. Products of at
-    most `native_rows` rows (panels: all) run on the native kernel, which computes only
-    `live_rows` (`skinny_matmul`; the others come back 0); XLA's dot computes every row."""
+    """f32[..., out] = x [..., in] @ w, w [out, in] (or [in, out], or the `panels` layout,
+    `to_panels`: [ceil(out / 16), in, 16] in size, which needs `out_features`), f32
+    accumulation. Products of at most `native_rows` rows (panels: all) run on the native
+    kernel, which computes only `live_rows` (`skinny_matmul`; the others come back 0); XLA's
+    dot computes every row."""
     if w.ndim == 3:
         from jaxserve.native.matmul import panels_matmul
         return panels_matmul(x, w, out_features, live_rows=live_rows)
