@@ -229,3 +229,27 @@ def test_native_layout_matches_xla_layout():
             == resolve_layout("fused_in_out_native"))
     assert resolve_layout("auto", "cpu", native_matmul=True).native_rows > 0
     assert resolve_layout("auto", "cpu").native_rows == 0
+
+
+def test_back_to_back_decode_products_through_the_relay():
+    # Decode-sized products leave their helper spinning for the next call's work
+    # (parallel_for.h: the relay); 120 chained products of changing widths, run three times,
+    # give the same bits each time and the [out, in] path's bits.
+    from jaxserve.native.matmul import panels_matmul, skinny_matmul, to_panels
+    rng = np.random.default_rng(4)
+    widths = [40, 300, 17, 1024, 64] * 24
+    ws = [jnp.asarray(rng.standard_normal((n, 64)) / 8, jnp.float32) for n in widths]
+    wps = [to_panels(w) for w in ws]
+
+    def chain(x, ws, panels):
+        outs = []
+        for n, w in zip(widths, ws):
+            y = panels_matmul(x, w, n) if panels else skinny_matmul(x, w, out_in=True)
+            outs.append(y[:, :5])
+            x = jnp.tanh(y[:, :64]) if n >= 64 else x
+        return jnp.concatenate(outs, axis=1)
+    x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    f = jax.jit(chain, static_argnums=2)
+    want = np.asarray(f(x, ws, False))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(x, wps, True)), want)

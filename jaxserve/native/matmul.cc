@@ -502,7 +502,7 @@ void run(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t m,
   jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
     strip<T>(x, w + n0, n, y + n0, n, m, k, std::min(width, n - n0));
-  });
+  }, /*linger=*/true);
   zero_padding(y, m, n, live);
 }
 
@@ -599,7 +599,7 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
   jaxserve::parallel_for(pool, strips, [=](int64_t s) {
     const int64_t n0 = s * width;
     strip_oi<T>(xtp, w + n0 * k, k, y + n0, n, m, std::min(width, n - n0));
-  });
+  }, /*linger=*/true);
   zero_padding(y, m, n, live);
 }
 
@@ -752,7 +752,7 @@ void run_panels(ffi::ThreadPool& pool, const float* x, const float* w, float* y,
   jaxserve::parallel_for(pool, (n + width - 1) / width, [=, &layout](int64_t s) {
     const int64_t n0 = s * width;
     strip_p16(xtp, layout, n0 / kPanelWidth, y + n0, n, m, std::min(width, n - n0));
-  });
+  }, /*linger=*/true);
   zero_padding(y, m, n, live);
 }
 
