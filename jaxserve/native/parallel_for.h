@@ -38,10 +38,12 @@ inline std::chrono::microseconds spin_wait() {
 // JAXSERVE_HELPER_SPIN_US where set (0: never), read once. A helper handed its task by the
 // pool starts ~11 us after the caller (timestamps in a decode step), and a decode step's 49
 // products and 12 attention calls are each a few hundred microseconds apart at most: a helper
-// still spinning takes the next call's work at once. The bench model's decode step 0.955x as
-// long, its prefill steps unchanged (benchmarks/helper_linger.py). Only decode-sized products
-// linger: after every product, prefill steps ran ~3% slower (the spinning helper holds a core
-// that XLA's own parallel ops between products want).
+// still spinning takes the next call's work at once. The bench model's decode step 0.964x as
+// long (rounds 0.946-0.996), its prefill job 1.019x (0.947-1.024, within this VM's noise;
+// benchmarks/helper_linger.py, fresh processes alternating). Only decode-sized products
+// linger: lingering after every product made the prefill job 1.03-1.07x as long in three of
+// four alternating pairs (the spinning helper holds a core that XLA's own parallel ops between
+// products want; manual runs, not kept).
 inline std::chrono::microseconds helper_spin() {
   static const std::chrono::microseconds us{[] {
     const char* env = std::getenv("JAXSERVE_HELPER_SPIN_US");
