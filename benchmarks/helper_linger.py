@@ -14,11 +14,7 @@ ratios (default / never) and their median.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.process import run_with_env  # noqa: E402
 from jaxserve.bench.report import write_json  # noqa: E402
 
 JOBS = {"offline": ["--output_len=64"], "prefill": ["--output_len=1"]}
 
 
 def _run(model: str, job: str, spin_us: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("JAXSERVE_HELPER_SPIN_US", None)
-    if spin_us is not None:
-        env["JAXSERVE_HELPER_SPIN_US"] = spin_us
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "run.json")
-        subprocess.run(["jaxserve-bench", f"--model={model}", "--chunk_size=512",
+    run = run_with_env(["jaxserve-bench", f"--model={model}", "--chunk_size=512",
                         "--max_decode_slots=16", "--progress=false",
                         "--enable_prefix_caching=false", "--workload=offline",
-                        "--num_prompts=16", "--input_len=256", *JOBS[job],
-                        f"--json_out={out}"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with open(out) as f:
-            run = json.load(f)["runs"][0]
+                        "--num_prompts=16", "--input_len=256", *JOBS[job]],
+                       "JAXSERVE_HELPER_SPIN_US", spin_us)["runs"][0]
     return {"wall_s": run["duration_s"],
             "decode_step_ms": run["roofline"]["decode_step_ms_median"],
             "mixed_step_ms": run["roofline"]["mixed_step_ms_median"]}

@@ -12,11 +12,7 @@ rounds of each step's milliseconds (both layouts' columns) and the median paired
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxserve.bench.machine import cpu_description, cpu_line  # noqa: E402
+from jaxserve.bench.process import run_with_env  # noqa: E402
 from jaxserve.bench.report import write_json  # noqa: E402
 
 
 def _steps(spin_us: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("JAXSERVE_SPIN_US", None)
-    if spin_us is not None:
-        env["JAXSERVE_SPIN_US"] = spin_us
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "steps.json")
-        subprocess.run([sys.executable, str(ROOT / "benchmarks/panels_layout.py"), "--steps_only",
-                        "--rounds=4", f"--json_out={out}"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with open(out) as f:
-            return json.load(f)["results"]
+    return run_with_env([sys.executable, str(ROOT / "benchmarks/panels_layout.py"),
+                         "--steps_only", "--rounds=4"], "JAXSERVE_SPIN_US", spin_us)["results"]
 
 
 def main() -> None:

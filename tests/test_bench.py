@@ -811,3 +811,14 @@ def test_machine_peaks_are_the_higher_of_two_probes():
     best = best_machine(before, after)
     assert (best["matmul_gflops"], best["mem_gbps"], best["read_gbps"]) == (371.0, 39.0, 31.0)
     assert best["platform"] == "cpu" and best["probes"][0]["read_gbps"] == 24.2
+
+
+def test_run_with_env_sets_or_unsets_one_variable(monkeypatch):
+    # benchmarks/spin_wait.py and helper_linger.py: one setting per fresh process.
+    import sys
+    from jaxserve.bench.process import run_with_env
+    code = ("import json, os, sys; out = sys.argv[-1].split('=', 1)[1]; "
+            "json.dump({'v': os.environ.get('JAXSERVE_TEST_VAR')}, open(out, 'w'))")
+    monkeypatch.setenv("JAXSERVE_TEST_VAR", "outer")
+    assert run_with_env([sys.executable, "-c", code], "JAXSERVE_TEST_VAR", "7") == {"v": "7"}
+    assert run_with_env([sys.executable, "-c", code], "JAXSERVE_TEST_VAR", None) == {"v": None}
