@@ -34,34 +34,29 @@ from jaxserve.bench.report import write_json  # noqa: E402
 from jaxserve.native import matmul_build  # noqa: E402
 from jaxserve.native.matmul import full_rows, to_panels  # noqa: E402
 
-LAYER = ((768, 1280), (768, 768), (768, 4096), (2048, 768))  # (K, N): qkv, o, gate_up, down
-HEAD = (768, 32000)
-SHAPES = [s for _ in range(12) for s in LAYER] + [HEAD]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from panels_layout import STEP_SHAPES as SHAPES  # noqa: E402
+from panels_layout import chain as step_chain  # noqa: E402
+
 BASELINE_TARGET = "decode_products_baseline_panels"
 
 
-def baseline_to_panels(revision: str):
-    """The revision's `to_panels` (jaxserve/native/matmul.py at `revision`)."""
-    source = subprocess.run(["git", "show", f"{revision}:jaxserve/native/matmul.py"], cwd=ROOT,
+def baseline_to_panels(rev: str):
+    """The revision's `to_panels` (jaxserve/native/matmul.py at `rev`)."""
+    source = subprocess.run(["git", "show", f"{rev}:jaxserve/native/matmul.py"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
     namespace = {"__name__": "baseline_matmul"}
-    exec(compile(source, f"{revision}:matmul.py", "exec"), namespace)
+    exec(compile(source, f"{rev}:matmul.py", "exec"), namespace)
     return namespace["to_panels"]
 
 
 def chain(target: str, whole: bool = False):
-    """The jitted step: every product through the FFI `target`, inputs chained; it returns 8
-    columns of each product, or with `whole` every product whole (to compare the bits)."""
-    def f(x, ws):
-        outs = []
-        for (k, n), w in zip(SHAPES, ws):
-            h = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1] + 1))[:, :k]
-            call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((h.shape[0], n), jnp.float32))
-            y = call(h, w, full_rows(h.shape[0]))
-            outs.append(y if whole else y[:, :8])
-            x = y[:, :768] * 0.5 if n >= 768 else x
-        return outs
-    return jax.jit(f)
+    """panels_layout.py's weights-only step with every product through the FFI `target` (the
+    tree's panels kernel or the baseline's, registered under its own name)."""
+    def product(h, w, n):
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((h.shape[0], n), jnp.float32))
+        return call(h, w, full_rows(h.shape[0]))
+    return step_chain(product, whole=whole)
 
 
 def main() -> None:

@@ -30,6 +30,23 @@ from jaxserve.native.matmul import panels_matmul, skinny_matmul, to_panels  # no
 # (K, N) of the bench model's fused products: qkv, o, gate_up, down; and the head.
 LAYER = ((768, 1280), (768, 768), (768, 4096), (2048, 768))
 HEAD = (768, 32000)
+# A weights-only decode step's products: 12 layers' distinct weights, then the head.
+STEP_SHAPES = [s for _ in range(12) for s in LAYER] + [HEAD]
+
+
+def chain(mm, shapes=STEP_SHAPES, whole: bool = False):
+    """The jitted weights-only step: y = mm(h, w, n) for each (K, N) of `shapes` and its weight,
+    each input made from the last output; it returns 8 columns of every product (or with
+    `whole` every product whole, to compare the bits)."""
+    def f(x, ws):
+        outs = []
+        for (k, n), w in zip(shapes, ws):
+            h = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1] + 1))[:, :k]
+            y = mm(h, w, n)
+            outs.append(y if whole else y[:, :8])
+            x = y[:, :768] * 0.5 if n >= 768 else x
+        return outs
+    return jax.jit(f)
 
 
 def _time(fn, *args, reps: int) -> float:
@@ -76,21 +93,9 @@ def main() -> None:
 
     # Weights-only steps through 12 layers' distinct weights (302 MB: they come from memory,
     # not from the L3 as a product timed alone does) and, at 16 rows, the vocabulary head.
-    shapes = [s for _ in range(12) for s in LAYER] + [HEAD]
+    shapes = STEP_SHAPES
     ws = [jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32) for k, n in shapes]
     wps = [to_panels(w) for w in ws]
-
-    def chain(mm):
-        def f(x, ws):
-            outs = []
-            for (k, n), w in zip(shapes, ws):
-                h = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1] + 1))[:, :k]
-                y = mm(h, w, n)
-                outs.append(y[:, :8])
-                x = y[:, :768] * 0.5 if n >= 768 else x
-            return outs
-        return jax.jit(f)
-
     f_oi = chain(lambda x, w, n: skinny_matmul(x, w, out_in=True))
     f_p = chain(lambda x, w, n: panels_matmul(x, w, n))
     for rows, used in ((args.rows, shapes[:-1]), (16, shapes)):

@@ -613,12 +613,11 @@ void run_oi(ffi::ThreadPool& pool, const float* x, const T* w, float* y, int64_t
 // blocks, so each reads the weights as contiguous runs of several panels' pieces: stored panel
 // after panel ([P, K, 16] in order) they were 16 KiB pieces K x 64 B apart: blocked, the bench
 // model's 49 products chained (benchmarks/decode_products.py, both layouts in one process) take
-// 0.965x the time at 16 rows and 0.956x at 528. Tall products
-// read four panels' pieces in place as a 6 x 64 tile's weights (strip_tall_wide without the
-// transpose into a filled panel, 4-5% of its time); in few-row products a 16-column tile's
-// weights are one stream, a line per k (x transposed once per call, as run_oi's), instead of
-// 16 rows of w read side by side. Each y[m, n] is the same FMA chain as on the other paths
-// (k = 0..K-1 from 0): the same bits.
+// 0.965x the time at 16 rows and 0.956x at 528. Tall products read four panels' pieces in
+// place as a 6 x 64 tile's weights (strip_tall_wide without the transpose into a filled panel,
+// 4-5% of its time); in few-row products a 16-column tile's weights are one stream, a line per
+// k (x transposed once per call, as run_oi's), instead of 16 rows of w read side by side. Each
+// y[m, n] is the same FMA chain as on the other paths (k = 0..K-1 from 0): the same bits.
 constexpr int64_t kPanelWidth = 16;
 // 256 k rows: a tall tile call's four pieces are 64 KiB (more than the 48 KiB L1: they stream
 // from L2, where the next ones are prefetched meanwhile; twice strip_tall_wide's 128 k rows,

@@ -23,13 +23,16 @@ inline void pause() {
   __builtin_ia32_pause();
 #endif
 }
+// Microseconds from the environment variable `name`, else `fallback`.
+inline std::chrono::microseconds env_micros(const char* name, long fallback) {
+  const char* env = std::getenv(name);
+  return std::chrono::microseconds{env ? std::atol(env) : fallback};
+}
+
 // How long the caller spins for its helpers (below): 200 us, or JAXSERVE_SPIN_US where set
 // (0: sleep at once; for benchmarks/spin_wait.py), read once.
 inline std::chrono::microseconds spin_wait() {
-  static const std::chrono::microseconds us{[] {
-    const char* env = std::getenv("JAXSERVE_SPIN_US");
-    return env ? std::atol(env) : 200L;
-  }()};
+  static const std::chrono::microseconds us = env_micros("JAXSERVE_SPIN_US", 200);
   return us;
 }
 
@@ -45,10 +48,7 @@ inline std::chrono::microseconds spin_wait() {
 // four alternating pairs (the spinning helper holds a core that XLA's own parallel ops between
 // products want; manual runs, not kept).
 inline std::chrono::microseconds helper_spin() {
-  static const std::chrono::microseconds us{[] {
-    const char* env = std::getenv("JAXSERVE_HELPER_SPIN_US");
-    return env ? std::atol(env) : 100L;
-  }()};
+  static const std::chrono::microseconds us = env_micros("JAXSERVE_HELPER_SPIN_US", 100);
   return us;
 }
 
@@ -101,8 +101,7 @@ inline void help(const std::shared_ptr<ParallelForState>& first, bool linger) {
       std::shared_ptr<ParallelForState> st;
       {
         std::lock_guard<std::mutex> lock(r.mu);
-        st = std::move(r.job);
-        r.job.reset();
+        st = std::move(r.job);  // leaves r.job empty
         r.posted.store(false, std::memory_order_release);
       }
       if (st) {
